@@ -1,0 +1,1 @@
+"""adapt's command line (Typer). Thin: parse, call ``merge``, print."""

@@ -1,0 +1,50 @@
+"""``adapt inspect``: what a checkpoint holds, from its headers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXAMPLES = "Examples: adapt inspect model/ · adapt inspect out.safetensors --json"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A .safetensors file or model folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show format, tensor and parameter counts, dtypes, bytes and metadata."""
+    import merge
+    from merge.summary import summarize
+
+    info = summarize(merge.open(path))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"[bold]{info['path']}[/bold]  ({info['format']}, {len(info['files'])} file(s))")
+    console.print(
+        f"{info['tensors']} tensors, {info['parameters']:,} parameters, {_size(info['bytes'])}"
+    )
+    table = Table("dtype", "tensors", "parameters", "bytes")
+    for code, d in info["dtypes"].items():
+        table.add_row(code, str(d["tensors"]), f"{d['parameters']:,}", _size(d["bytes"]))
+    console.print(table)
+    if info["metadata"]:
+        console.print("[bold]metadata[/bold]")
+        for key, value in info["metadata"].items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            console.print(f"  {key}: {text}", markup=False)

@@ -1,0 +1,44 @@
+"""adapt's engine: merge, compress and ship fine-tunes, streaming tensor by tensor.
+
+Example:
+    >>> import merge
+    >>> merge.soup(["a.safetensors", "b.safetensors"], out="soup.safetensors")  # doctest: +SKIP
+"""
+
+from .api import open, plan, run, soup
+from .errors import (
+    AdaptError,
+    CorruptFileError,
+    InputError,
+    MismatchError,
+    NonFiniteError,
+    OutputError,
+    ParameterError,
+    SourceNotFoundError,
+)
+from .methods.soup import Soup
+from .plan import Plan, PlannedTensor
+from .provenance import version
+from .safetensors_file import TensorInfo
+from .sources import Source
+
+__all__ = [
+    "AdaptError",
+    "CorruptFileError",
+    "InputError",
+    "MismatchError",
+    "NonFiniteError",
+    "OutputError",
+    "ParameterError",
+    "Plan",
+    "PlannedTensor",
+    "Soup",
+    "Source",
+    "SourceNotFoundError",
+    "TensorInfo",
+    "open",
+    "plan",
+    "run",
+    "soup",
+    "version",
+]

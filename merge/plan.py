@@ -1,0 +1,128 @@
+"""The plan: every tensor name, shape and dtype checked across inputs before any work.
+
+A plan is built from sources alone (headers, no tensor data). Float tensors are merged;
+integer, bool and float8 tensors are carried through and must be identical in every input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import dtypes
+from .errors import MismatchError, ParameterError
+from .safetensors_file import TensorInfo
+from .sources import Source
+
+_SHOW = 5
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: its name, shape, input dtypes (sources order) and output dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtypes: tuple[str, ...]
+    out_dtype: str
+    merged: bool  # False: carried through unchanged (integer/bool/float8)
+
+    @property
+    def out_info(self) -> TensorInfo:
+        return TensorInfo(self.out_dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Validated work list. ``sources`` is ``(base, *inputs)`` when there is a base."""
+
+    tensors: tuple[PlannedTensor, ...]
+    inputs: tuple[Source, ...]
+    base: Source | None
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return (self.base, *self.inputs) if self.base is not None else self.inputs
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.out_info.nbytes for t in self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.out_info.numel for t in self.tensors)
+
+    def peak_estimate(self) -> int:
+        """Bytes the engine holds at once: the largest tensor in every source, as float32
+        temporaries where a method needs them, plus the output buffer."""
+        largest = max((t.out_info.numel for t in self.tensors), default=0)
+        return largest * 4 * (len(self.sources) + 2)
+
+
+def _names_list(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_SHOW])
+    return shown + (f" (+{len(names) - _SHOW} more)" if len(names) > _SHOW else "")
+
+
+def build_plan(
+    inputs: list[Source], base: Source | None = None, out_dtype: str | None = None
+) -> Plan:
+    """Check that all sources describe the same tensors and return the plan.
+
+    Args:
+        inputs: the sources to merge (at least one).
+        base: the base model, for methods over task vectors.
+        out_dtype: a safetensors float code; ``None`` keeps each tensor's input dtype and then
+            requires the float dtypes of a tensor to agree across inputs.
+
+    Raises:
+        MismatchError: names, shapes or dtypes differ (the message names the tensor and files).
+    """
+    if not inputs:
+        raise ParameterError("no inputs given")
+    sources = [base, *inputs] if base is not None else list(inputs)
+    ref = sources[0]
+    ref_names = ref.names
+    ref_set = set(ref_names)
+    for src in sources[1:]:
+        names = set(src.names)
+        missing = [n for n in ref_names if n not in names]
+        if missing:
+            raise MismatchError(
+                f"{src.label}: missing {len(missing)} tensor(s) present in {ref.label}: "
+                f"{_names_list(missing)}"
+            )
+        extra = [n for n in src.names if n not in ref_set]
+        if extra:
+            raise MismatchError(
+                f"{src.label}: has {len(extra)} tensor(s) not in {ref.label}: "
+                f"{_names_list(extra)}"
+            )
+    tensors = []
+    for name in ref_names:
+        infos = [src.info(name) for src in sources]
+        r = infos[0]
+        for src, info in zip(sources[1:], infos[1:], strict=True):
+            if info.shape != r.shape:
+                raise MismatchError(
+                    f"tensor {name!r}: shape {list(r.shape)} in {ref.label} but "
+                    f"{list(info.shape)} in {src.label}"
+                )
+            if dtypes.is_float(info.dtype) != dtypes.is_float(r.dtype) or (
+                not dtypes.is_float(r.dtype) and info.dtype != r.dtype
+            ):
+                raise MismatchError(
+                    f"tensor {name!r}: dtype {r.dtype} in {ref.label} but {info.dtype} "
+                    f"in {src.label}"
+                )
+            if info.dtype != r.dtype and out_dtype is None:
+                raise MismatchError(
+                    f"tensor {name!r}: dtype {r.dtype} in {ref.label} but {info.dtype} in "
+                    f"{src.label}; pass --dtype to choose the output dtype (inputs are then "
+                    "computed in float32)"
+                )
+        merged = dtypes.is_float(r.dtype)
+        out = (out_dtype or r.dtype) if merged else r.dtype
+        tensors.append(
+            PlannedTensor(name, r.shape, tuple(i.dtype for i in infos), out, merged)
+        )
+    return Plan(tuple(tensors), tuple(inputs), base)

@@ -1,0 +1,94 @@
+"""What made an output: tool version, method, parameters, inputs with sha256.
+
+Input files are hashed on a background thread while the merge runs (hashlib releases the
+GIL), and the result is written into the output's ``__metadata__`` at the end. Nothing
+time-dependent is recorded, so identical runs give identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from .sources import Source
+
+_BLOCK = 1 << 22
+_PLACEHOLDER = "0" * 64
+
+
+def version() -> str:
+    """The installed adapt version."""
+    try:
+        return importlib_metadata.version("adapt")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class Provenance:
+    """Starts hashing the inputs at once; ``metadata()`` gives the final ``__metadata__``."""
+
+    def __init__(
+        self,
+        method: str,
+        parameters: dict[str, Any],
+        sources: tuple[Source, ...],
+        roles: tuple[str, ...],
+    ):
+        self.method = method
+        self.parameters = parameters
+        self.sources = sources
+        self.roles = roles
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt-sha256")
+        self._hashes: dict[Path, Future[str]] = {}
+        for src in sources:
+            for f in src.files:
+                if f not in self._hashes:
+                    self._hashes[f] = self._pool.submit(sha256_file, f)
+        self._pool.shutdown(wait=False)
+
+    def _inputs(self, final: bool) -> list[dict[str, Any]]:
+        out = []
+        for role, src in zip(self.roles, self.sources, strict=True):
+            entry: dict[str, Any] = {"role": role, "path": src.label}
+            if src.files:
+                root = src.folder
+                entry["sha256"] = {
+                    str(f.relative_to(root) if root else f.name): (
+                        self._hashes[f].result() if final else _PLACEHOLDER
+                    )
+                    for f in src.files
+                }
+            out.append(entry)
+        return out
+
+    def metadata(self, final: bool = True) -> dict[str, str]:
+        """The ``__metadata__`` dict; ``final=False`` gives a same-length placeholder."""
+        return {
+            "format": "pt",
+            "adapt_version": version(),
+            "adapt_method": self.method,
+            "adapt_parameters": _dump(self.parameters),
+            "adapt_inputs": _dump(self._inputs(final)),
+        }
+
+    def cancel(self) -> None:
+        """Stop hashing files not yet started (on error)."""
+        for fut in self._hashes.values():
+            fut.cancel()
