@@ -32,6 +32,6 @@ def demo(
     typer.echo(f"  adapt inspect {out}")
     typer.echo(f"  adapt merge {fts[0]} {fts[1]} --weights 0.7,0.3 -o {directory}/weighted")
     typer.echo(
-        "  python -c \"import transformers; "
+        '  python -c "import transformers; '
         f"print(transformers.AutoModelForCausalLM.from_pretrained('{out}'))\""
     )

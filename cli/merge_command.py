@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    import merge
+    from merge.methods import Method
+
 EXAMPLES = (
     "Examples: adapt merge a.safetensors b.safetensors -o soup.safetensors · "
-    "adapt merge ft1/ ft2/ --weights 0.7,0.3 -o merged/"
+    "adapt merge ft1/ ft2/ --weights 0.7,0.3 -o merged/ · "
+    "adapt merge --base base/ ft1/ ft2/ --method ties --density 0.2 -o ties/ · "
+    "adapt merge --base base/ ft1/ ft2/ --method task-arithmetic --lines-beta 0.5 -o ta/"
 )
 
-_OUT = "Output"
+OUTPUT = "Output"
+METHOD = "Method parameters"
+LINES = "LiNeS layer scaling"
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -28,55 +36,177 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise ParameterError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
+def build_method(
+    method: str | None,
+    *,
+    has_base: bool,
+    weights: str | None = None,
+    lam: float | None = None,
+    density: float | None = None,
+    scope: str = "global",
+    sign: str = "total",
+    seed: int = 0,
+    lines_alpha: float | None = None,
+    lines_beta: float | None = None,
+    layer_pattern: str | None = None,
+) -> Method:
+    """The method instance the options describe, with a one-line error for any misuse."""
+    from merge.errors import ParameterError
+    from merge.methods import METHODS, DareLinear, DareTies, Lines, Soup, TaskArithmetic, Ties
+
+    name = method or ("task-arithmetic" if has_base else "soup")
+    if name not in METHODS:
+        raise ParameterError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    w = parse_floats(weights, "--weights")
+    lines = None
+    if lines_beta is not None:
+        lines = Lines(beta=lines_beta, alpha=lines_alpha, pattern=layer_pattern)
+    elif lines_alpha is not None or layer_pattern is not None:
+        raise ParameterError("--lines-alpha and --layer-pattern need --lines-beta")
+    if name == "soup":
+        if lam is not None or density is not None or lines is not None:
+            raise ParameterError(
+                "soup takes only --weights; --lambda, --density and LiNeS need --base and a "
+                "task-vector method"
+            )
+        return Soup(weights=w)
+    common = {"weights": w, "lam": lam, "lines": lines}
+    if name == "task-arithmetic":
+        if density is not None:
+            raise ParameterError("--density applies to ties, dare-linear and dare-ties")
+        return TaskArithmetic(**common)
+    if name == "ties":
+        return Ties(**common, density=0.2 if density is None else density, scope=scope, sign=sign)
+    dare = {"density": 0.5 if density is None else density, "seed": seed}
+    if name == "dare-linear":
+        return DareLinear(**common, **dare)
+    return DareTies(**common, **dare, sign=sign)
+
+
 def merge(
-    inputs: Annotated[list[str], typer.Argument(help="Checkpoints: .safetensors files or folders.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Checkpoints: .safetensors files or model folders.")
+    ],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="A .safetensors file or a model folder.",
-                     rich_help_panel=_OUT),
+        typer.Option(
+            "--output", "-o", help="A .safetensors file or a model folder.", rich_help_panel=OUTPUT
+        ),
     ] = None,
-    method: Annotated[str, typer.Option(help="Merge method.")] = "soup",
+    base: Annotated[
+        str | None, typer.Option(help="Base model: inputs become task vectors FT - BASE.")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="soup (default without --base), task-arithmetic (default with --base), ties, "
+            "dare-linear, dare-ties."
+        ),
+    ] = None,
     weights: Annotated[
-        str | None, typer.Option(help="Per-input weights, e.g. 0.7,0.3 (normalised for soups).")
+        str | None,
+        typer.Option(
+            help="Per-input weights, e.g. 0.7,0.3 (normalised for soups, as given otherwise).",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
+    lam: Annotated[
+        float | None,
+        typer.Option(
+            "--lambda", help="Scale of the merged task vector [1.0].", rich_help_panel=METHOD
+        ),
+    ] = None,
+    density: Annotated[
+        float | None,
+        typer.Option(
+            help="TIES: fraction kept by magnitude [0.2]; DARE: keep probability [0.5].",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="TIES trimming over the whole model or per tensor.", rich_help_panel=METHOD
+        ),
+    ] = "global",
+    sign: Annotated[
+        str, typer.Option(help="TIES sign election: total or frequency.", rich_help_panel=METHOD)
+    ] = "total",
+    seed: Annotated[int, typer.Option(help="DARE seed.", rich_help_panel=METHOD)] = 0,
+    deltas: Annotated[
+        bool,
+        typer.Option(help="Inputs are task vectors (FT - BASE), not fine-tuned weights."),
+    ] = False,
+    lines_beta: Annotated[
+        float | None,
+        typer.Option(help="LiNeS: lambda(l) = alpha + beta (l-1)/(L-1).", rich_help_panel=LINES),
+    ] = None,
+    lines_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="LiNeS alpha [computed: (|sum tau|_1 / |tau_merged|_1) / T].",
+            rich_help_panel=LINES,
+        ),
+    ] = None,
+    layer_pattern: Annotated[
+        str | None,
+        typer.Option(
+            help=r"Regex with a (?P<block>\d+) group for the block index.", rich_help_panel=LINES
+        ),
     ] = None,
     dtype: Annotated[
         str | None,
-        typer.Option(help="Output dtype (bf16, float16, float32); default: input dtype.",
-                     rich_help_panel=_OUT),
+        typer.Option(
+            help="Output dtype (bf16, float16, float32); default: input dtype.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = None,
     shard_size: Annotated[
-        str, typer.Option(help="Largest shard of a folder output.", rich_help_panel=_OUT)
+        str, typer.Option(help="Largest shard of a folder output.", rich_help_panel=OUTPUT)
     ] = "50GB",
     overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing output.", rich_help_panel=_OUT)
+        bool, typer.Option(help="Replace an existing output.", rich_help_panel=OUTPUT)
     ] = False,
     allow_nonfinite: Annotated[
         bool, typer.Option(help="Merge inputs holding NaN/Inf instead of refusing.")
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Check inputs and print the plan only.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
+    ] = False,
 ) -> None:
-    """Merge checkpoints into one (default: the uniform model soup)."""
-    import merge
+    """Merge checkpoints: model soups, or task arithmetic, TIES and DARE over a base."""
+    import merge as engine
     from merge.errors import ParameterError
-    from merge.methods import METHODS
 
-    if method not in METHODS:
-        raise ParameterError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    chosen = merge.Soup(weights=parse_floats(weights, "--weights"))
-    plan = merge.plan(inputs, dtype=dtype)
+    chosen = build_method(
+        method,
+        has_base=base is not None,
+        weights=weights,
+        lam=lam,
+        density=density,
+        scope=scope,
+        sign=sign,
+        seed=seed,
+        lines_alpha=lines_alpha,
+        lines_beta=lines_beta,
+        layer_pattern=layer_pattern,
+    )
+    plan = engine.plan(inputs, base=base, dtype=dtype, deltas=deltas)
     chosen.validate(len(plan.inputs))
     if dry_run:
-        _print_plan(plan, chosen)
+        print_plan(plan, chosen)
         return
     if output is None:
         raise ParameterError("missing --output/-o (or pass --dry-run)")
     start = time.perf_counter()
-    out = merge.run(
+    out = engine.run(
         chosen,
         inputs,
+        base=base,
         out=output,
         dtype=dtype,
+        deltas=deltas,
         shard_size=shard_size,
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
@@ -89,11 +219,13 @@ def merge(
         )
 
 
-def _print_plan(plan: merge.Plan, method: merge.methods.Method) -> None:  # noqa: F821
+def print_plan(plan: merge.Plan, method: Method) -> None:
+    """The ``--dry-run`` report: method, inputs, tensor counts, memory estimate."""
     merged = sum(t.merged for t in plan.tensors)
     typer.echo(f"method: {method.name} {method.parameters()}")
     for src in plan.sources:
-        typer.echo(f"input: {src.label} ({src.kind})")
+        role = "base" if src is plan.base else ("task vector" if src.delta else "input")
+        typer.echo(f"{role}: {src.label} ({src.kind})")
     typer.echo(
         f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} carried "
         f"through), {plan.num_params:,} parameters, {plan.out_bytes:,} bytes out"

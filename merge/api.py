@@ -9,6 +9,7 @@ from typing import Any, Union
 
 from . import dtypes
 from .engine import execute
+from .errors import ParameterError
 from .methods.base import Method
 from .methods.soup import Soup
 from .plan import Plan, build_plan
@@ -19,7 +20,7 @@ from .writer import DEFAULT_SHARD_SIZE, SafetensorsSink, StateDictSink, parse_si
 Input = Union[str, os.PathLike, Mapping[str, Any], Source]
 
 
-def open(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:  # noqa: A001
+def open(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
     """Open a safetensors file, model folder, sharded folder or state dict lazily.
 
     See :func:`merge.sources.open_source`.
@@ -38,10 +39,21 @@ def _as_source(x: Input, label: str) -> Source:
 
 
 def plan(
-    inputs: Sequence[Input], *, base: Input | None = None, dtype: str | None = None
+    inputs: Sequence[Input],
+    *,
+    base: Input | None = None,
+    dtype: str | None = None,
+    deltas: bool = False,
 ) -> Plan:
-    """Open and validate inputs (names, shapes, dtypes) without reading tensor data."""
+    """Open and validate inputs (names, shapes, dtypes) without reading tensor data.
+
+    ``deltas=True`` marks every input as a task vector (theta_i - theta_0); files adapt wrote
+    as task vectors are recognised from their metadata without it.
+    """
     sources = [_as_source(x, f"<input {i}>") for i, x in enumerate(inputs)]
+    if deltas:
+        for src in sources:
+            src.delta = True
     base_src = _as_source(base, "<base>") if base is not None else None
     return build_plan(sources, base_src, dtypes.parse(dtype) if dtype else None)
 
@@ -53,6 +65,7 @@ def run(
     base: Input | None = None,
     out: str | os.PathLike[str] | None = None,
     dtype: str | None = None,
+    deltas: bool = False,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     allow_nonfinite: bool = False,
     overwrite: bool = False,
@@ -64,6 +77,7 @@ def run(
         method: a method instance, e.g. ``Soup(weights=(0.7, 0.3))``.
         inputs: paths (``.safetensors`` files, model folders, sharded folders) or state dicts.
         base: the base model, for methods over task vectors.
+        deltas: the inputs are task vectors (theta_i - theta_0), not fine-tuned weights.
         out: ``None`` returns a ``dict[str, torch.Tensor]``; a path ending in ``.safetensors``
             writes one file; any other path writes a model folder (sharded above
             ``shard_size``, config and tokenizer files copied from the base or first input).
@@ -80,11 +94,11 @@ def run(
     Raises:
         AdaptError: any bad input or option; the message names the file and the tensor.
     """
-    p = plan(inputs, base=base, dtype=dtype)
+    p = plan(inputs, base=base, dtype=dtype, deltas=deltas)
     if method.needs_base and p.base is None:
-        from .errors import ParameterError
-
         raise ParameterError(f"method {method.name!r} needs a base model (--base)")
+    if not method.needs_base and p.base is not None:
+        raise ParameterError(f"method {method.name!r} takes no base model; drop --base")
     out_code = dtypes.parse(dtype) if dtype else None
     if out is None:
         sink: SafetensorsSink | StateDictSink = StateDictSink()

@@ -94,8 +94,7 @@ def build_plan(
         extra = [n for n in src.names if n not in ref_set]
         if extra:
             raise MismatchError(
-                f"{src.label}: has {len(extra)} tensor(s) not in {ref.label}: "
-                f"{_names_list(extra)}"
+                f"{src.label}: has {len(extra)} tensor(s) not in {ref.label}: {_names_list(extra)}"
             )
     tensors = []
     for name in ref_names:
@@ -122,7 +121,5 @@ def build_plan(
                 )
         merged = dtypes.is_float(r.dtype)
         out = (out_dtype or r.dtype) if merged else r.dtype
-        tensors.append(
-            PlannedTensor(name, r.shape, tuple(i.dtype for i in infos), out, merged)
-        )
+        tensors.append(PlannedTensor(name, r.shape, tuple(i.dtype for i in infos), out, merged))
     return Plan(tuple(tensors), tuple(inputs), base)

@@ -19,6 +19,8 @@ from .safetensors_file import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONTENT_KEY = "adapt_content"  # __metadata__ key saying what a file holds
+TASK_VECTOR = "task_vector"
 
 
 @runtime_checkable
@@ -30,6 +32,7 @@ class Source(Protocol):
     folder: Path | None  # the model folder (config.json etc.) when there is one
     files: tuple[Path, ...]  # the files whose bytes make up the source (for sha256)
     metadata: dict[str, str]
+    delta: bool  # holds task vectors (theta_i - theta_0) rather than weights
 
     @property
     def names(self) -> list[str]: ...
@@ -49,6 +52,7 @@ class FileSource:
         self.folder = folder
         self.files = (self._file.path,)
         self.metadata = dict(self._file.metadata)
+        self.delta = self.metadata.get(CONTENT_KEY) == TASK_VECTOR
 
     @property
     def names(self) -> list[str]:
@@ -99,6 +103,8 @@ class ShardedSource:
                 )
         self.files = tuple(f.path for f in self._shards.values())
         self.metadata = dict(index.get("metadata") or {})
+        first = next(iter(self._shards.values()))
+        self.delta = first.metadata.get(CONTENT_KEY) == TASK_VECTOR
         self._names = [n for f in self._shards.values() for n in f.names]
 
     @property
@@ -135,6 +141,7 @@ class StateDictSource:
         self.folder = None
         self.files = ()
         self.metadata = {}
+        self.delta = False
         self._state = state
         self._infos = {name: self._info_of(name, t) for name, t in state.items()}
 

@@ -76,7 +76,9 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
-def _header(entries: list[tuple[str, str, tuple[int, ...], int, int]], meta: dict[str, str]) -> bytes:
+def _header(
+    entries: list[tuple[str, str, tuple[int, ...], int, int]], meta: dict[str, str]
+) -> bytes:
     header: dict[str, Any] = {"__metadata__": meta} if meta else {}
     for name, dtype, shape, begin, end in entries:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
@@ -221,7 +223,11 @@ class SafetensorsSink:
         assert self._tmp is not None
         if len(self._shards) > 1:
             index = {
-                "metadata": {"total_size": sum(t.out_info.nbytes for t in (t for s in self._shards for t in s.tensors))},
+                "metadata": {
+                    "total_size": sum(
+                        t.out_info.nbytes for t in (t for s in self._shards for t in s.tensors)
+                    )
+                },
                 "weight_map": {t.name: s.name for s in self._shards for t in s.tensors},
             }
             (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,42 +1,37 @@
-"""Weighted sum of N same-dtype tensors, decoded and re-encoded chunk by chunk."""
+"""Weighted sum of N same-dtype tensors, decoded and re-encoded element by element."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from .convert import CHUNK, load, store
+from .convert import CHUNK, get, put
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def weighted_sum(xs, weights, out, check_finite):
-    """``out = sum_i weights[i] * xs[i]`` with a float64 accumulator per entry.
+    """``out = sum_i weights[i] * xs[i]``, accumulated in float64, rounded to float32 then to
+    the storage dtype of ``out``.
 
-    ``xs`` is a tuple of flat arrays of one storage dtype (bf16 bits, float32, float64);
-    ``out`` a flat array of a storage dtype. Returns the position in ``xs`` of the first
-    array holding a non-finite value (lowest position over the whole tensor), or -1.
+    ``xs`` is a tuple of flat arrays of one storage dtype (bf16 bits, float32, float64).
+    Returns the position in ``xs`` of the first array holding a non-finite value (the lowest
+    position over the whole tensor, so independent of threads), or -1.
     """
     n = out.size
+    k = len(xs)
     nchunks = (n + CHUNK - 1) // CHUNK
-    bad = np.full(nchunks, len(xs), np.int64)
+    bad = np.full(nchunks, k, np.int64)
     for c in prange(nchunks):
-        start = c * CHUNK
-        m = min(CHUNK, n - start)
-        scratch = np.empty(CHUNK, np.uint32)
-        acc = np.zeros(m, np.float64)
-        for i in range(len(xs)):
-            v = load(xs[i], start, m, scratch)
-            w = weights[i]
-            for j in range(m):
-                acc[j] += w * v[j]
-            if check_finite and i < bad[c]:
-                for j in range(m):
-                    if not np.isfinite(v[j]):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            acc = 0.0
+            for i in range(k):
+                acc += weights[i] * get(xs[i], j)
+            # any NaN/Inf input makes acc non-finite (0 * Inf is NaN): find it only then
+            if check_finite and not np.isfinite(acc):
+                for i in range(bad[c]):
+                    if not np.isfinite(get(xs[i], j)):
                         bad[c] = i
                         break
-        res = np.empty(m, np.float32)
-        for j in range(m):
-            res[j] = acc[j]
-        store(out, start, res)
-    first = bad.min() if nchunks else len(xs)
-    return -1 if first == len(xs) else first
+            put(out, j, np.float32(acc))
+    first = bad.min() if nchunks else k
+    return -1 if first == k else first

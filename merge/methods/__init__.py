@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from .base import Method
 from .soup import Soup
+from .taskvec import DareLinear, DareTies, Lines, TaskArithmetic, TaskVectorMethod, Ties
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Soup,)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Soup, TaskArithmetic, Ties, DareLinear, DareTies)
+}
 
-__all__ = ["METHODS", "Method", "Soup"]
+__all__ = [
+    "METHODS",
+    "DareLinear",
+    "DareTies",
+    "Lines",
+    "Method",
+    "Soup",
+    "TaskArithmetic",
+    "TaskVectorMethod",
+    "Ties",
+]

@@ -1,0 +1,57 @@
+"""Task vectors tau_i = theta_i - theta_0, the final theta_0 + s * tau, and L1 norms."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .convert import CHUNK, get, put
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def task_vectors(xs, is_delta, out, check_finite):
+    """``out[i-1] = xs[i] - xs[0]`` (or ``xs[i]`` where ``is_delta[i-1]``), float32.
+
+    ``xs`` = (base, input_1, ..., input_N) flat arrays of one storage dtype; ``out`` is
+    (N, n) float32. Returns the position in ``xs`` of the first array holding NaN/Inf, or -1.
+    """
+    k = len(xs)
+    n = out.shape[1]
+    nchunks = (n + CHUNK - 1) // CHUNK
+    bad = np.full(nchunks, k, np.int64)
+    for c in prange(nchunks):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            b = get(xs[0], j)
+            if check_finite and not np.isfinite(b):
+                bad[c] = 0
+            for i in range(1, k):
+                v = get(xs[i], j)
+                if check_finite and not np.isfinite(v) and i < bad[c]:
+                    bad[c] = i
+                out[i - 1, j] = v if is_delta[i - 1] else np.float32(np.float64(v) - b)
+    first = bad.min() if nchunks else k
+    return -1 if first == k else first
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def add_scaled(base, tau, scale, out):
+    """``out = base + scale * tau`` in float64, rounded to float32, then to ``out``'s dtype."""
+    for j in prange(out.size):
+        put(out, j, np.float32(np.float64(get(base, j)) + scale * np.float64(tau[j])))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def l1_norm(x):
+    """sum |x| in float64, summed per fixed chunk then in chunk order (thread-independent)."""
+    n = x.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    partial = np.zeros(nchunks, np.float64)
+    for c in prange(nchunks):
+        s = 0.0
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            s += abs(np.float64(x[j]))
+        partial[c] = s
+    total = 0.0
+    for c in range(nchunks):
+        total += partial[c]
+    return total

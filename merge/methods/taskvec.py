@@ -1,0 +1,278 @@
+"""Merges over a base: task arithmetic, TIES, DARE (linear and TIES), each with optional LiNeS.
+
+Every method forms task vectors tau_i = theta_i - theta_0 per tensor (inputs already stored as
+task vectors are used as they are), combines them into tau_m, and writes
+theta = theta_0 + s(tensor) * tau_m, where s is ``lam`` or, with LiNeS, the layer's
+lambda(l) = alpha + beta (l-1)/(L-1). Formulas, citations and choices: docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ParameterError
+from ..kernels.dare import dare_inplace, dare_key
+from ..kernels.select import GlobalTopK, count_for_density, topk_threshold
+from ..kernels.soup import weighted_sum
+from ..kernels.taskvec import add_scaled, l1_norm, task_vectors
+from ..kernels.ties import SIGN_FREQUENCY, SIGN_TOTAL, keep_all, ties_merge
+from ..lines import LayerSchedule, lines_alpha
+from ..plan import Plan, PlannedTensor
+from .base import Method, TensorStream
+
+SIGNS = {"total": SIGN_TOTAL, "frequency": SIGN_FREQUENCY}
+SCOPES = ("global", "tensor")
+
+
+@dataclass(frozen=True)
+class Lines:
+    """LiNeS layer scaling (Wang et al., ICLR 2025): lambda(l) = alpha + beta (l-1)/(L-1).
+
+    ``alpha=None`` computes alpha = (||sum_t tau_t||_1 / ||tau_m||_1) / T in a first pass.
+    """
+
+    beta: float
+    alpha: float | None = None
+    pattern: str | None = None
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ParameterError(f"--density must be in (0, 1], got {density}")
+
+
+@dataclass
+class TaskVectorMethod(Method):
+    """Shared machinery; subclasses implement :meth:`combine`."""
+
+    weights: tuple[float, ...] | None = None
+    lam: float | None = None
+    lines: Lines | None = None
+    needs_base = True
+    _deltas: np.ndarray = field(default=None, init=False, repr=False)  # type: ignore[assignment]
+    _schedule: LayerSchedule | None = field(default=None, init=False, repr=False)
+
+    def parameters(self) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "weights": list(self.weights) if self.weights is not None else None,
+            "lambda": None if self.lines is not None else self.scale_default,
+        }
+        if self.lines is not None:
+            p["lines"] = {
+                "alpha": self._schedule.alpha if self._schedule else self.lines.alpha,
+                "beta": self.lines.beta,
+                "layer_pattern": self.lines.pattern,
+            }
+        return p | self.extra_parameters()
+
+    def extra_parameters(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def scale_default(self) -> float:
+        return 1.0 if self.lam is None else self.lam
+
+    def validate(self, num_inputs: int) -> None:
+        if self.weights is not None and len(self.weights) != num_inputs:
+            raise ParameterError(
+                f"--weights has {len(self.weights)} value(s) but there are {num_inputs} inputs"
+            )
+        if self.weights is not None and not all(np.isfinite(self.weights)):
+            raise ParameterError(f"--weights must be finite, got {list(self.weights)}")
+        if self.lines is not None and self.lam is not None:
+            raise ParameterError(
+                "--lambda and LiNeS (--lines-beta) exclude each other: LiNeS sets each "
+                "layer's lambda"
+            )
+
+    def w(self, n: int) -> np.ndarray:
+        return np.ones(n) if self.weights is None else np.asarray(self.weights, np.float64)
+
+    # -- passes ---------------------------------------------------------------------------
+
+    def prepare(self, plan: Plan, stream: TensorStream) -> None:
+        self._deltas = np.array([src.delta for src in plan.inputs], dtype=np.bool_)
+        self.prepare_selection(plan, stream)
+        if self.lines is None:
+            return
+        names = [t.name for t in plan.tensors if t.merged]
+        alpha = self.lines.alpha
+        if alpha is None:
+            alpha = self._lines_alpha(plan, stream)
+        self._schedule = LayerSchedule.from_names(names, alpha, self.lines.beta, self.lines.pattern)
+
+    def prepare_selection(self, plan: Plan, stream: TensorStream) -> None:
+        """Extra passes a method needs before merging (global top-k)."""
+
+    def _lines_alpha(self, plan: Plan, stream: TensorStream) -> float:
+        saved = copy.deepcopy(self.__dict__)
+        sum_l1 = merged_l1 = 0.0
+        for t, arrays in stream():
+            taus, _ = self.taus(t, arrays)
+            n = taus.shape[1]
+            total = np.empty(n, np.float32)
+            weighted_sum(tuple(taus), np.ones(len(taus)), total, False)
+            merged = np.empty(n, np.float32)
+            self.combine(t, taus, merged)
+            sum_l1 += l1_norm(total)
+            merged_l1 += l1_norm(merged)
+        self.__dict__.update(saved)  # the selection state is consumed again by the real pass
+        try:
+            return lines_alpha(sum_l1, merged_l1, len(plan.inputs))
+        except ValueError as e:
+            raise ParameterError(str(e)) from None
+
+    # -- per tensor -----------------------------------------------------------------------
+
+    def taus(
+        self, t: PlannedTensor, arrays: list[np.ndarray], check_finite: bool = False
+    ) -> tuple[np.ndarray, int]:
+        """(N, n) float32 task vectors and the position of an array with NaN/Inf (or -1)."""
+        out = np.empty((len(arrays) - 1, t.out_info.numel), np.float32)
+        return out, int(task_vectors(tuple(arrays), self._deltas, out, check_finite))
+
+    def scale(self, t: PlannedTensor) -> float:
+        return self._schedule.scale(t.name) if self._schedule else self.scale_default
+
+    def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
+        """tau_m for one tensor into ``out`` (float32); ``taus`` may be overwritten."""
+        raise NotImplementedError
+
+    def merge(
+        self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
+    ) -> int:
+        base = arrays[0]
+        taus, bad = self.taus(tensor, arrays, check_finite)
+        if bad >= 0:
+            return bad
+        arrays.clear()  # drop the raw inputs early: only base and the task vectors are needed
+        merged = np.empty(taus.shape[1], np.float32)
+        self.combine(tensor, taus, merged)
+        del taus
+        add_scaled(base, merged, self.scale(tensor), out)
+        return -1
+
+
+@dataclass
+class TaskArithmetic(TaskVectorMethod):
+    """theta = theta_0 + lambda * sum_i w_i tau_i (Ilharco et al., ICLR 2023)."""
+
+    name = "task-arithmetic"
+    citation = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
+
+    def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
+        weighted_sum(tuple(taus), self.w(len(taus)), out, False)
+
+    def merge(
+        self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
+    ) -> int:
+        # Linear, so fused into one pass over the raw inputs:
+        # theta_0 + s sum_i w_i (theta_i - theta_0) = (1 - s sum_{i not delta} w_i) theta_0 + ...
+        s = self.scale(tensor)
+        w = self.w(len(arrays) - 1) * s
+        coef = np.concatenate([[1.0 - w[~self._deltas].sum()], w])
+        return int(weighted_sum(tuple(arrays), coef, out, check_finite))
+
+
+@dataclass
+class Ties(TaskVectorMethod):
+    """Trim (top-k by magnitude), elect sign, disjoint mean (Yadav et al., NeurIPS 2023)."""
+
+    density: float = 0.2
+    scope: str = "global"
+    sign: str = "total"
+    name = "ties"
+    citation = "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708"
+    _global: list[GlobalTopK] | None = field(default=None, init=False, repr=False)
+
+    def extra_parameters(self) -> dict[str, Any]:
+        return {"density": self.density, "scope": self.scope, "sign": self.sign}
+
+    def validate(self, num_inputs: int) -> None:
+        super().validate(num_inputs)
+        _check_density(self.density)
+        if self.scope not in SCOPES:
+            raise ParameterError(f"--scope must be global or tensor, got {self.scope!r}")
+        if self.sign not in SIGNS:
+            raise ParameterError(f"--sign must be total or frequency, got {self.sign!r}")
+
+    def prepare_selection(self, plan: Plan, stream: TensorStream) -> None:
+        if self.scope != "global":
+            return
+        self._global = [GlobalTopK(density=self.density) for _ in plan.inputs]
+        for t, arrays in stream():
+            for g, tau in zip(self._global, self.taus(t, arrays)[0], strict=True):
+                g.add_high(tau)
+        for g in self._global:
+            g.finish_high()
+        if any(g.needs_low_pass for g in self._global):
+            for t, arrays in stream():
+                for g, tau in zip(self._global, self.taus(t, arrays)[0], strict=True):
+                    g.add_low(tau)
+        for g in self._global:
+            g.finish_low()
+
+    def selections(self, t: PlannedTensor, taus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._global is not None:
+            sel = [g.selection(tau) for g, tau in zip(self._global, taus, strict=True)]
+        else:
+            k = count_for_density(self.density, taus.shape[1])
+            sel = [topk_threshold(tau, k) for tau in taus]
+        thr = np.array([s[0] for s in sel], np.float32)
+        cut = np.array([s[1] for s in sel], np.int64)
+        return thr, cut
+
+    def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
+        thr, cut = self.selections(t, taus)
+        ties_merge(taus, self.w(len(taus)), thr, cut, SIGNS[self.sign], out)
+
+
+@dataclass
+class DareLinear(TaskVectorMethod):
+    """Drop each entry with probability 1 - density, rescale by 1/density, then add
+    (Yu et al., ICML 2024)."""
+
+    density: float = 0.5
+    seed: int = 0
+    name = "dare-linear"
+    citation = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099"
+
+    def extra_parameters(self) -> dict[str, Any]:
+        return {"density": self.density, "seed": self.seed}
+
+    def validate(self, num_inputs: int) -> None:
+        super().validate(num_inputs)
+        _check_density(self.density)
+
+    def drop(self, t: PlannedTensor, taus: np.ndarray) -> None:
+        for i, tau in enumerate(taus):
+            dare_inplace(tau, self.density, dare_key(self.seed, t.name, i))
+
+    def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
+        self.drop(t, taus)
+        weighted_sum(tuple(taus), self.w(len(taus)), out, False)
+
+
+@dataclass
+class DareTies(DareLinear):
+    """DARE's drop and rescale, then TIES's sign election and disjoint mean (no trim)."""
+
+    sign: str = "total"
+    name = "dare-ties"
+
+    def extra_parameters(self) -> dict[str, Any]:
+        return super().extra_parameters() | {"sign": self.sign}
+
+    def validate(self, num_inputs: int) -> None:
+        super().validate(num_inputs)
+        if self.sign not in SIGNS:
+            raise ParameterError(f"--sign must be total or frequency, got {self.sign!r}")
+
+    def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
+        self.drop(t, taus)
+        thr, cut = keep_all(len(taus))
+        ties_merge(taus, self.w(len(taus)), thr, cut, SIGNS[self.sign], out)
