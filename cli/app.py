@@ -13,7 +13,7 @@ import sys
 import click
 import typer
 
-from . import demo_command, inspect_command, merge_command
+from . import demo_command, inspect_command, lines_command, merge_command, soup_command
 
 app = typer.Typer(
     name="adapt",
@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 app.command("merge", epilog=merge_command.EXAMPLES)(merge_command.merge)
 app.command("inspect", epilog=inspect_command.EXAMPLES)(inspect_command.inspect)
+app.command("soup", epilog=soup_command.EXAMPLES)(soup_command.soup)
+app.command("lines", epilog=lines_command.EXAMPLES)(lines_command.lines)
 app.command("demo")(demo_command.demo)
 
 

@@ -16,7 +16,8 @@ from .errors import (
     ParameterError,
     SourceNotFoundError,
 )
-from .methods.soup import Soup
+from .greedy import GreedySoupResult, greedy_soup
+from .methods import DareLinear, DareTies, Lines, Method, Soup, TaskArithmetic, Ties
 from .plan import Plan, PlannedTensor
 from .provenance import version
 from .safetensors_file import TensorInfo
@@ -25,7 +26,12 @@ from .sources import Source
 __all__ = [
     "AdaptError",
     "CorruptFileError",
+    "DareLinear",
+    "DareTies",
+    "GreedySoupResult",
     "InputError",
+    "Lines",
+    "Method",
     "MismatchError",
     "NonFiniteError",
     "OutputError",
@@ -35,7 +41,10 @@ __all__ = [
     "Soup",
     "Source",
     "SourceNotFoundError",
+    "TaskArithmetic",
     "TensorInfo",
+    "Ties",
+    "greedy_soup",
     "open",
     "plan",
     "run",

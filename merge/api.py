@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from . import dtypes
 from .engine import execute
@@ -17,7 +17,7 @@ from .provenance import Provenance
 from .sources import Source, open_source
 from .writer import DEFAULT_SHARD_SIZE, SafetensorsSink, StateDictSink, parse_size
 
-Input = Union[str, os.PathLike, Mapping[str, Any], Source]
+Input = str | os.PathLike | Mapping[str, Any] | Source
 
 
 def open(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
