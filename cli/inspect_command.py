@@ -22,12 +22,25 @@ def _size(n: float) -> str:
 def inspect(
     path: Annotated[Path, typer.Argument(help="A .safetensors file or model folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    layers: Annotated[
+        bool, typer.Option("--layers", help="Each tensor's LiNeS block and scale.")
+    ] = False,
+    alpha: Annotated[float, typer.Option(help="LiNeS alpha for --layers.")] = 0.0,
+    beta: Annotated[float, typer.Option(help="LiNeS beta for --layers.")] = 1.0,
+    layer_pattern: Annotated[
+        str | None, typer.Option(help=r"Regex with a (?P<block>\d+) group.")
+    ] = None,
 ) -> None:
     """Show format, tensor and parameter counts, dtypes, bytes and metadata."""
     import merge
     from merge.summary import summarize
 
-    info = summarize(merge.open(path))
+    source = merge.open(path)
+    info = summarize(source)
+    if layers:
+        from merge.summary import layer_table
+
+        info["layers"] = layer_table(source, alpha, beta, layer_pattern)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -48,3 +61,9 @@ def inspect(
         for key, value in info["metadata"].items():
             text = value if isinstance(value, str) else json.dumps(value)
             console.print(f"  {key}: {text}", markup=False)
+    if layers:
+        table = Table("tensor", "stack", "block", "scale")
+        for row in info["layers"]:
+            block = "-" if row["block"] is None else str(row["block"])
+            table.add_row(row["name"], row["stack"] or "-", block, f"{row['scale']:.6f}")
+        console.print(table)

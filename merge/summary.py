@@ -36,3 +36,21 @@ def summarize(src: Source) -> dict[str, Any]:
         "dtypes": dict(sorted(by_dtype.items())),
         "metadata": metadata,
     }
+
+
+def layer_table(
+    src: Source, alpha: float, beta: float, pattern: str | None = None
+) -> list[dict[str, Any]]:
+    """Each tensor's LiNeS stack, 1-based block and scale lambda(l) (``None`` outside blocks)."""
+    from .errors import ParameterError
+    from .lines import LayerSchedule
+
+    try:
+        schedule = LayerSchedule.from_names(src.names, alpha, beta, pattern)
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
+    rows = []
+    for name in src.names:
+        stack, block, scale = schedule.describe(name)
+        rows.append({"name": name, "stack": stack, "block": block, "scale": scale})
+    return rows
