@@ -99,6 +99,12 @@ def run(
         raise ParameterError(f"method {method.name!r} needs a base model (--base)")
     if not method.needs_base and p.base is not None:
         raise ParameterError(f"method {method.name!r} takes no base model; drop --base")
+    for src in p.inputs:
+        if src.delta and not method.needs_base:
+            raise ParameterError(
+                f"{src.label}: holds a task vector; {method.name!r} averages weights: give "
+                "--base and a task-vector method (task-arithmetic, ties, dare-*)"
+            )
     out_code = dtypes.parse(dtype) if dtype else None
     if out is None:
         sink: SafetensorsSink | StateDictSink = StateDictSink()

@@ -16,7 +16,7 @@ from . import dtypes
 from .errors import MismatchError, NonFiniteError
 from .kernels.convert import to_float32
 from .methods.base import Method
-from .plan import Plan, PlannedTensor
+from .plan import ABSENT, Plan, PlannedTensor
 from .progress import Progress
 from .provenance import Provenance
 from .writer import Sink
@@ -43,12 +43,17 @@ def _out_buffer(tensor: PlannedTensor) -> np.ndarray:
 
 
 def _read(plan: Plan, tensor: PlannedTensor) -> list[np.ndarray]:
-    return [src.read(tensor.name) for src in plan.sources]
+    """Every source's array of the tensor; an empty array where a task vector leaves it out."""
+    return [
+        np.empty(0, dtypes.storage(code)) if content == ABSENT else src.read(tensor.name)
+        for src, code, content in zip(plan.sources, tensor.in_dtypes, tensor.contents, strict=True)
+    ]
 
 
 def _check_carried(plan: Plan, tensor: PlannedTensor, arrays: list[np.ndarray]) -> None:
-    for src, a in zip(plan.sources[1:], arrays[1:], strict=True):
-        if not np.array_equal(a, arrays[0]):
+    present = zip(plan.sources[1:], arrays[1:], tensor.contents[1:], strict=True)
+    for src, a, content in present:
+        if content != ABSENT and not np.array_equal(a, arrays[0]):
             raise MismatchError(
                 f"tensor {tensor.name!r} ({tensor.out_dtype}) differs between "
                 f"{plan.sources[0].label} and {src.label}: {tensor.out_dtype} tensors are "

@@ -15,16 +15,19 @@ from .sources import Source
 
 _SHOW = 5
 
+WEIGHTS, DELTA, ABSENT = "weights", "delta", "absent"
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One output tensor: its name, shape, input dtypes (sources order) and output dtype."""
+    """One output tensor: its name, shape, per-source dtypes and contents, output dtype."""
 
     name: str
     shape: tuple[int, ...]
     in_dtypes: tuple[str, ...]
     out_dtype: str
     merged: bool  # False: carried through unchanged (integer/bool/float8)
+    contents: tuple[str, ...] = ()  # per source: WEIGHTS, DELTA (task vector) or ABSENT (zero)
 
     @property
     def out_info(self) -> TensorInfo:
@@ -63,16 +66,23 @@ def _names_list(names: list[str]) -> str:
     return shown + (f" (+{len(names) - _SHOW} more)" if len(names) > _SHOW else "")
 
 
+def _content(src: Source, name: str) -> str:
+    if name not in src.names_set:
+        return ABSENT
+    if src.delta and name not in getattr(src, "replaced", ()):
+        return DELTA
+    return WEIGHTS
+
+
 def build_plan(
     inputs: list[Source], base: Source | None = None, out_dtype: str | None = None
 ) -> Plan:
     """Check that all sources describe the same tensors and return the plan.
 
-    Args:
-        inputs: the sources to merge (at least one).
-        base: the base model, for methods over task vectors.
-        out_dtype: a safetensors float code; ``None`` keeps each tensor's input dtype and then
-            requires the float dtypes of a tensor to agree across inputs.
+    Without a base, every input must hold every tensor, with one float dtype per tensor
+    (unless ``out_dtype`` is given). With a base, the base names the tensors; task-vector
+    inputs (``src.delta``) may leave tensors out (a zero update), and float dtypes may differ
+    (computed in float32; the output keeps the base's dtype unless ``out_dtype`` is given).
 
     Raises:
         MismatchError: names, shapes or dtypes differ (the message names the tensor and files).
@@ -84,9 +94,9 @@ def build_plan(
     ref_names = ref.names
     ref_set = set(ref_names)
     for src in sources[1:]:
-        names = set(src.names)
+        names = src.names_set
         missing = [n for n in ref_names if n not in names]
-        if missing:
+        if missing and not (base is not None and src.delta):
             raise MismatchError(
                 f"{src.label}: missing {len(missing)} tensor(s) present in {ref.label}: "
                 f"{_names_list(missing)}"
@@ -98,9 +108,15 @@ def build_plan(
             )
     tensors = []
     for name in ref_names:
-        infos = [src.info(name) for src in sources]
-        r = infos[0]
-        for src, info in zip(sources[1:], infos[1:], strict=True):
+        contents = tuple(_content(src, name) for src in sources)
+        r = ref.info(name)
+        in_dtypes = [r.dtype]
+        for src, content in zip(sources[1:], contents[1:], strict=True):
+            if content == ABSENT:
+                in_dtypes.append(r.dtype)
+                continue
+            info = src.info(name)
+            in_dtypes.append(info.dtype)
             if info.shape != r.shape:
                 raise MismatchError(
                     f"tensor {name!r}: shape {list(r.shape)} in {ref.label} but "
@@ -113,7 +129,7 @@ def build_plan(
                     f"tensor {name!r}: dtype {r.dtype} in {ref.label} but {info.dtype} "
                     f"in {src.label}"
                 )
-            if info.dtype != r.dtype and out_dtype is None:
+            if info.dtype != r.dtype and out_dtype is None and base is None:
                 raise MismatchError(
                     f"tensor {name!r}: dtype {r.dtype} in {ref.label} but {info.dtype} in "
                     f"{src.label}; pass --dtype to choose the output dtype (inputs are then "
@@ -121,5 +137,5 @@ def build_plan(
                 )
         merged = dtypes.is_float(r.dtype)
         out = (out_dtype or r.dtype) if merged else r.dtype
-        tensors.append(PlannedTensor(name, r.shape, tuple(i.dtype for i in infos), out, merged))
+        tensors.append(PlannedTensor(name, r.shape, tuple(in_dtypes), out, merged, contents))
     return Plan(tuple(tensors), tuple(inputs), base)

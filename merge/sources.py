@@ -37,12 +37,26 @@ class Source(Protocol):
     @property
     def names(self) -> list[str]: ...
 
+    @property
+    def names_set(self) -> frozenset[str]: ...
+
     def info(self, name: str) -> TensorInfo: ...
 
     def read(self, name: str) -> np.ndarray: ...
 
 
-class FileSource:
+class _Names:
+    """``names_set``, cached, for any source with a ``names`` list."""
+
+    @property
+    def names_set(self) -> frozenset[str]:
+        cached = self.__dict__.get("_names_set")
+        if cached is None:
+            cached = self.__dict__["_names_set"] = frozenset(self.names)  # type: ignore[attr-defined]
+        return cached
+
+
+class FileSource(_Names):
     """One ``.safetensors`` file (or a folder holding ``model.safetensors``)."""
 
     def __init__(self, path: Path, folder: Path | None = None):
@@ -65,7 +79,7 @@ class FileSource:
         return self._file.read(name)
 
 
-class ShardedSource:
+class ShardedSource(_Names):
     """A model folder with ``model.safetensors.index.json`` and its shards."""
 
     def __init__(self, folder: Path):
@@ -132,7 +146,7 @@ _TORCH_TO_CODE = {
 }
 
 
-class StateDictSource:
+class StateDictSource(_Names):
     """An in-memory ``dict[str, torch.Tensor]`` (or numpy arrays) seen as a source."""
 
     def __init__(self, state: Mapping[str, Any], label: str = "<state dict>"):

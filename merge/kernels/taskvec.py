@@ -7,10 +7,13 @@ from numba import njit, prange
 
 from .convert import CHUNK, get, put
 
+WEIGHTS, DELTA, ABSENT = 0, 1, 2  # per-input codes of task_vectors
+
 
 @njit(cache=True, parallel=True, nogil=True)
-def task_vectors(xs, is_delta, out, check_finite):
-    """``out[i-1] = xs[i] - xs[0]`` (or ``xs[i]`` where ``is_delta[i-1]``), float32.
+def task_vectors(xs, codes, out, check_finite):
+    """``out[i-1]`` = tau_i as float32: ``xs[i] - xs[0]`` where ``codes[i-1] == WEIGHTS``,
+    ``xs[i]`` where ``DELTA``, zero where ``ABSENT`` (``xs[i]`` is then not read).
 
     ``xs`` = (base, input_1, ..., input_N) flat arrays of one storage dtype; ``out`` is
     (N, n) float32. Returns the position in ``xs`` of the first array holding NaN/Inf, or -1.
@@ -25,10 +28,14 @@ def task_vectors(xs, is_delta, out, check_finite):
             if check_finite and not np.isfinite(b):
                 bad[c] = 0
             for i in range(1, k):
+                code = codes[i - 1]
+                if code == ABSENT:
+                    out[i - 1, j] = 0.0
+                    continue
                 v = get(xs[i], j)
                 if check_finite and not np.isfinite(v) and i < bad[c]:
                     bad[c] = i
-                out[i - 1, j] = v if is_delta[i - 1] else np.float32(np.float64(v) - b)
+                out[i - 1, j] = v if code == DELTA else np.float32(np.float64(v) - b)
     first = bad.min() if nchunks else k
     return -1 if first == k else first
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import plan as planning
 from ..errors import ParameterError
 from ..kernels.dare import dare_inplace, dare_key
 from ..kernels.select import GlobalTopK, count_for_density, topk_threshold
 from ..kernels.soup import weighted_sum
-from ..kernels.taskvec import add_scaled, l1_norm, task_vectors
+from ..kernels.taskvec import ABSENT, DELTA, WEIGHTS, add_scaled, l1_norm, task_vectors
 from ..kernels.ties import SIGN_FREQUENCY, SIGN_TOTAL, keep_all, ties_merge
 from ..lines import LayerSchedule, lines_alpha
 from ..plan import Plan, PlannedTensor
@@ -40,6 +41,14 @@ class Lines:
     pattern: str | None = None
 
 
+_CODES = {planning.WEIGHTS: WEIGHTS, planning.DELTA: DELTA, planning.ABSENT: ABSENT}
+
+
+def input_codes(t: PlannedTensor) -> np.ndarray:
+    """Per input (base excluded): what its array holds, as task_vectors' int8 codes."""
+    return np.array([_CODES[c] for c in t.contents[1:]], np.int8)
+
+
 def _check_density(density: float) -> None:
     if not 0.0 < density <= 1.0:
         raise ParameterError(f"--density must be in (0, 1], got {density}")
@@ -53,7 +62,6 @@ class TaskVectorMethod(Method):
     lam: float | None = None
     lines: Lines | None = None
     needs_base = True
-    _deltas: np.ndarray = field(default=None, init=False, repr=False)  # type: ignore[assignment]
     _schedule: LayerSchedule | None = field(default=None, init=False, repr=False)
 
     def parameters(self) -> dict[str, Any]:
@@ -95,7 +103,6 @@ class TaskVectorMethod(Method):
     # -- passes ---------------------------------------------------------------------------
 
     def prepare(self, plan: Plan, stream: TensorStream) -> None:
-        self._deltas = np.array([src.delta for src in plan.inputs], dtype=np.bool_)
         self.prepare_selection(plan, stream)
         if self.lines is None:
             return
@@ -133,7 +140,7 @@ class TaskVectorMethod(Method):
     ) -> tuple[np.ndarray, int]:
         """(N, n) float32 task vectors and the position of an array with NaN/Inf (or -1)."""
         out = np.empty((len(arrays) - 1, t.out_info.numel), np.float32)
-        return out, int(task_vectors(tuple(arrays), self._deltas, out, check_finite))
+        return out, int(task_vectors(tuple(arrays), input_codes(t), out, check_finite))
 
     def scale(self, t: PlannedTensor) -> float:
         return self._schedule.scale(t.name) if self._schedule else self.scale_default
@@ -170,12 +177,14 @@ class TaskArithmetic(TaskVectorMethod):
     def merge(
         self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
     ) -> int:
-        # Linear, so fused into one pass over the raw inputs:
-        # theta_0 + s sum_i w_i (theta_i - theta_0) = (1 - s sum_{i not delta} w_i) theta_0 + ...
-        s = self.scale(tensor)
-        w = self.w(len(arrays) - 1) * s
-        coef = np.concatenate([[1.0 - w[~self._deltas].sum()], w])
-        return int(weighted_sum(tuple(arrays), coef, out, check_finite))
+        # Linear, so fused into one pass over the raw inputs: theta_0 + s sum_i w_i tau_i =
+        # (1 - s sum_{i holds weights} w_i) theta_0 + sum_i s w_i x_i (absent inputs dropped)
+        codes = input_codes(tensor)
+        w = self.w(len(codes)) * self.scale(tensor)
+        present = [0] + [i + 1 for i, c in enumerate(codes) if c != ABSENT]
+        coef = np.concatenate([[1.0 - w[codes == WEIGHTS].sum()], w[codes != ABSENT]])
+        bad = int(weighted_sum(tuple(arrays[i] for i in present), coef, out, check_finite))
+        return -1 if bad < 0 else present[bad]
 
 
 @dataclass
