@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -28,13 +29,49 @@ def version() -> str:
         return "0+unknown"
 
 
+def _cache_dir() -> Path | None:
+    """Where file hashes are remembered; ``ADAPT_HASH_CACHE=0`` turns the cache off."""
+    setting = os.environ.get("ADAPT_HASH_CACHE", "")
+    if setting == "0":
+        return None
+    if setting:
+        return Path(setting)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "adapt" / "sha256"
+
+
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
+    """Hex sha256 of a file, read in blocks.
+
+    Remembered per (real path, device, inode, size, mtime_ns, ctime_ns), as git does for its
+    index: a file rewritten in any way gets a new stat and is hashed again.
+    """
+    st = os.stat(path)
+    stamp = f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}"
+    stamp += f"\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    cache = _cache_dir()
+    entry = cache / hashlib.sha256(stamp.encode()).hexdigest() if cache else None
+    if entry is not None:
+        try:
+            cached = entry.read_text().strip()
+            if len(cached) == 64:
+                return cached
+        except OSError:
+            pass
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(_BLOCK):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if entry is not None:
+        try:  # best effort: a read-only home only costs the next run a re-hash
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(digest)
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return digest
 
 
 def _dump(value: Any) -> str:

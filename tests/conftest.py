@@ -22,6 +22,12 @@ class CliResult:
     err: str
 
 
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep adapt's sha256 cache out of the user's home during tests."""
+    monkeypatch.setenv("ADAPT_HASH_CACHE", str(tmp_path_factory.getbasetemp() / "sha256-cache"))
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """Run ``adapt ARGS...`` in-process through the real entry point (error funnel included)."""
