@@ -13,7 +13,14 @@ import sys
 import click
 import typer
 
-from . import demo_command, inspect_command, lines_command, merge_command, soup_command
+from . import (
+    demo_command,
+    diff_command,
+    inspect_command,
+    lines_command,
+    merge_command,
+    soup_command,
+)
 
 app = typer.Typer(
     name="adapt",
@@ -27,6 +34,7 @@ app.command("merge", epilog=merge_command.EXAMPLES)(merge_command.merge)
 app.command("inspect", epilog=inspect_command.EXAMPLES)(inspect_command.inspect)
 app.command("soup", epilog=soup_command.EXAMPLES)(soup_command.soup)
 app.command("lines", epilog=lines_command.EXAMPLES)(lines_command.lines)
+app.command("diff", epilog=diff_command.EXAMPLES)(diff_command.diff)
 app.command("demo")(demo_command.demo)
 
 

@@ -118,7 +118,7 @@ def run(
             overwrite=overwrite,
         )
     roles = (("base",) if p.base is not None else ()) + ("input",) * len(p.inputs)
-    prov = Provenance(method.name, method.parameters(), p.sources, roles)
+    prov = Provenance(method, p.sources, roles)
     return execute(p, method, sink, prov, check_finite=not allow_nonfinite, progress=progress)
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .sources import Source
+from .sources import CONTENT_KEY, Source
+
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 _BLOCK = 1 << 22
 _PLACEHOLDER = "0" * 64
@@ -40,7 +44,7 @@ def _cache_dir() -> Path | None:
     return Path(root) / "adapt" / "sha256"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     """Hex sha256 of a file, read in blocks.
 
     Remembered per (real path, device, inode, size, mtime_ns, ctime_ns), as git does for its
@@ -61,6 +65,8 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(_BLOCK):
+            if stop is not None and stop.is_set():
+                raise CancelledError
             h.update(block)
     digest = h.hexdigest()
     if entry is not None:
@@ -79,25 +85,28 @@ def _dump(value: Any) -> str:
 
 
 class Provenance:
-    """Starts hashing the inputs at once; ``metadata()`` gives the final ``__metadata__``."""
+    """Starts hashing the inputs at once; ``metadata()`` gives the ``__metadata__``.
+
+    The method's parameters are read when the metadata is made, after the method's prepare
+    passes (LiNeS records the alpha it computed).
+    """
 
     def __init__(
         self,
-        method: str,
-        parameters: dict[str, Any],
+        method: Method,
         sources: tuple[Source, ...],
         roles: tuple[str, ...],
     ):
         self.method = method
-        self.parameters = parameters
         self.sources = sources
         self.roles = roles
+        self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt-sha256")
         self._hashes: dict[Path, Future[str]] = {}
         for src in sources:
             for f in src.files:
                 if f not in self._hashes:
-                    self._hashes[f] = self._pool.submit(sha256_file, f)
+                    self._hashes[f] = self._pool.submit(sha256_file, f, self._stop)
         self._pool.shutdown(wait=False)
 
     def _inputs(self, final: bool) -> list[dict[str, Any]]:
@@ -117,15 +126,19 @@ class Provenance:
 
     def metadata(self, final: bool = True) -> dict[str, str]:
         """The ``__metadata__`` dict; ``final=False`` gives a same-length placeholder."""
-        return {
+        meta = {
             "format": "pt",
             "adapt_version": version(),
-            "adapt_method": self.method,
-            "adapt_parameters": _dump(self.parameters),
+            "adapt_method": self.method.name,
+            "adapt_parameters": _dump(self.method.parameters()),
             "adapt_inputs": _dump(self._inputs(final)),
         }
+        if self.method.content != "model":
+            meta[CONTENT_KEY] = self.method.content
+        return meta
 
     def cancel(self) -> None:
-        """Stop hashing files not yet started (on error)."""
+        """Stop hashing (on error or Ctrl-C) so the process can exit at once."""
+        self._stop.set()
         for fut in self._hashes.values():
             fut.cancel()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from .base import Method
 from .soup import Soup
-from .taskvec import DareLinear, DareTies, Lines, TaskArithmetic, TaskVectorMethod, Ties
+from .taskvec import (
+    DareLinear,
+    DareTies,
+    Lines,
+    TaskArithmetic,
+    TaskVector,
+    TaskVectorMethod,
+    Ties,
+)
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Soup, TaskArithmetic, Ties, DareLinear, DareTies)
@@ -18,6 +26,7 @@ __all__ = [
     "Method",
     "Soup",
     "TaskArithmetic",
+    "TaskVector",
     "TaskVectorMethod",
     "Ties",
 ]

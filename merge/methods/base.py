@@ -21,6 +21,7 @@ class Method(ABC):
     name: ClassVar[str]
     citation: ClassVar[str]
     needs_base: ClassVar[bool] = False
+    content: ClassVar[str] = "model"  # or "task_vector": what the output holds
 
     @abstractmethod
     def parameters(self) -> dict[str, Any]:

@@ -285,3 +285,27 @@ class DareTies(DareLinear):
         self.drop(t, taus)
         thr, cut = keep_all(len(taus))
         ties_merge(taus, self.w(len(taus)), thr, cut, SIGNS[self.sign], out)
+
+
+@dataclass
+class TaskVector(TaskArithmetic):
+    """The task vector itself: tau = lambda * sum_i w_i tau_i, without the base added.
+
+    Written with ``adapt_content: task_vector`` metadata, so ``adapt merge --base`` reads the
+    file back as a task vector.
+    """
+
+    name = "task-vector"
+    content = "task_vector"
+    citation = TaskArithmetic.citation
+
+    def merge(
+        self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
+    ) -> int:
+        taus, bad = self.taus(tensor, arrays, check_finite)
+        if bad >= 0:
+            return bad
+        merged = np.empty(taus.shape[1], np.float32)
+        self.combine(tensor, taus, merged)
+        weighted_sum((merged,), np.array([self.scale(tensor)]), out, False)
+        return -1
