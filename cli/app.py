@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from . import (
     demo_command,
@@ -38,16 +38,25 @@ app.command("diff", epilog=diff_command.EXAMPLES)(diff_command.diff)
 app.command("demo")(demo_command.demo)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from merge.provenance import version
+
+        typer.echo(f"adapt {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        callback=_print_version,
+        is_eager=True,
+    ),
 ) -> None:
     """Global options (``--debug`` anywhere shows tracebacks)."""
-    if version:
-        from merge.provenance import version as v
-
-        typer.echo(f"adapt {v()}")
-        raise typer.Exit()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,23 +67,23 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("ADAPT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=args, prog_name="adapt", standalone_mode=False)
+        # non-standalone: typer returns Exit codes (Ctrl-C is 130) and raises usage errors
+        code = app(args=args, prog_name="adapt", standalone_mode=False)
     except AdaptError as e:
         if debug:
             raise
         print(f"adapt: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("adapt: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+    except TyperException as e:  # usage errors: typer's own message, exit 2
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(e, "exit_code", 2))
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except OSError as e:
         if debug:
             raise
         print(f"adapt: error: {e}", file=sys.stderr)
         sys.exit(1)
-    sys.exit(0)
+    if code == 130:
+        print("adapt: interrupted; nothing was written", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)

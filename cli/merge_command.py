@@ -170,6 +170,22 @@ def merge(
     allow_nonfinite: Annotated[
         bool, typer.Option(help="Merge inputs holding NaN/Inf instead of refusing.")
     ] = False,
+    to_lora: Annotated[
+        bool,
+        typer.Option(
+            "--to-lora",
+            help="Write one PEFT LoRA adapter folder instead of a model (see docs/lora.md).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            help="--to-lora: rank of SVD-factored modules [largest input rank]; linear merges "
+            "above it are factored too.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Check inputs and print the plan only.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
@@ -199,6 +215,13 @@ def merge(
         return
     if output is None:
         raise ParameterError("missing --output/-o (or pass --dry-run)")
+    if to_lora or rank is not None:
+        if not to_lora:
+            raise ParameterError("--rank needs --to-lora")
+        merge_to_lora(
+            chosen, inputs, base, output, rank, dtype, deltas, allow_nonfinite, overwrite, quiet
+        )
+        return
     start = time.perf_counter()
     out = engine.run(
         chosen,
@@ -231,3 +254,53 @@ def print_plan(plan: merge.Plan, method: Method) -> None:
         f"through), {plan.num_params:,} parameters, {plan.out_bytes:,} bytes out"
     )
     typer.echo(f"peak memory estimate: {plan.peak_estimate() / 1e6:.1f} MB")
+
+
+def merge_to_lora(
+    method: Method,
+    inputs: list[str],
+    base: str | None,
+    output: Path,
+    rank: int | None,
+    dtype: str | None,
+    deltas: bool,
+    allow_nonfinite: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """``--to-lora``: write one adapter; print ranks and the retained energy of SVD modules."""
+    from merge.errors import ParameterError
+    from merge.lora import merge_to_lora as to_lora
+
+    if base is None:
+        raise ParameterError("--to-lora needs --base (the model the adapters were trained on)")
+    start = time.perf_counter()
+    res = to_lora(
+        method,
+        inputs,
+        base=base,
+        out=output,
+        rank=rank,
+        dtype=dtype,
+        deltas=deltas,
+        allow_nonfinite=allow_nonfinite,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    if quiet:
+        return
+    for module, energy in res.energy.items():
+        typer.echo(f"retained energy {energy:.6f}  rank {res.ranks[module]:<5d} {module}")
+    if res.dropped:
+        typer.echo(
+            f"note: {len(res.dropped)} tensor(s) updated by non-adapter inputs lie outside the "
+            f"adapter's modules and are left out (e.g. {res.dropped[0]!r})"
+        )
+    exact = len(res.ranks) - len(res.energy)
+    ranks = sorted(set(res.ranks.values()))
+    typer.echo(
+        f"{method.name}: merged {len(inputs)} inputs -> LoRA adapter {res.path} "
+        f"({len(res.ranks)} modules, rank {'/'.join(map(str, ranks))}: {exact} exact by "
+        f"concatenation, {len(res.energy)} by truncated SVD, retained energy "
+        f"{res.overall:.6f}) ({time.perf_counter() - start:.2f} s)"
+    )

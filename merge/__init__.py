@@ -17,6 +17,7 @@ from .errors import (
     SourceNotFoundError,
 )
 from .greedy import GreedySoupResult, greedy_soup
+from .lora import LoraMergeResult, LoraSource, merge_to_lora, open_adapter
 from .methods import DareLinear, DareTies, Lines, Method, Soup, TaskArithmetic, Ties
 from .plan import Plan, PlannedTensor
 from .provenance import version
@@ -31,6 +32,8 @@ __all__ = [
     "GreedySoupResult",
     "InputError",
     "Lines",
+    "LoraMergeResult",
+    "LoraSource",
     "Method",
     "MismatchError",
     "NonFiniteError",
@@ -45,7 +48,9 @@ __all__ = [
     "TensorInfo",
     "Ties",
     "greedy_soup",
+    "merge_to_lora",
     "open",
+    "open_adapter",
     "plan",
     "run",
     "soup",

@@ -5,6 +5,8 @@ bf16 has no numpy dtype: it is held as its raw ``uint16`` bits, and float8 as ``
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .errors import ParameterError
@@ -76,6 +78,55 @@ def parse(name: str) -> str:
     return code
 
 
+# safetensors code <-> torch dtype attribute name
+_TORCH = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_FROM_TORCH = {f"torch.{v}": k for k, v in _TORCH.items()}
+# dtypes numpy lacks or torch cannot hand to numpy: moved as same-width integers
+_VIA_INT = {"BF16": "int16", "F8_E4M3": "uint8", "F8_E5M2": "uint8", "U16": "int16"}
+_VIA_INT |= {"U32": "int32", "U64": "int64"}
+
+
 def torch_name(code: str) -> str:
-    """The torch dtype name for a float code (for config.json ``torch_dtype``)."""
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}[code]
+    """The torch dtype name of a code (e.g. for config.json ``torch_dtype``)."""
+    return _TORCH[code]
+
+
+def code_of_torch(dtype: object) -> str | None:
+    """The safetensors code of a torch dtype, or None when adapt cannot hold it."""
+    return _FROM_TORCH.get(str(dtype))
+
+
+def to_numpy(t: Any, code: str) -> np.ndarray:
+    """A flat numpy view of the bits of a CPU torch tensor of dtype ``code`` (no copy)."""
+    import torch
+
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if code in _VIA_INT:
+        t = t.view(getattr(torch, _VIA_INT[code]))
+    return t.numpy().view(storage(code))
+
+
+def to_torch(a: np.ndarray, code: str, shape: tuple[int, ...]) -> Any:
+    """A torch tensor of dtype ``code`` over the bits of a flat numpy array (no copy)."""
+    import torch
+
+    if code in _VIA_INT:
+        a = a.view(np.dtype(_VIA_INT[code]))
+        return torch.from_numpy(a).view(getattr(torch, _TORCH[code])).reshape(shape)
+    return torch.from_numpy(a).reshape(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 
 
@@ -10,7 +11,7 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool):
         self.total = total
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()  # a bar only where someone watches
         self._bar = None
         self._task = None
 

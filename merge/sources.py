@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import dtypes
 from .errors import CorruptFileError, InputError, SourceNotFoundError
 from .safetensors_file import SafetensorsFile, TensorInfo
 
@@ -132,20 +133,6 @@ class ShardedSource(_Names):
         return self._where[name].read(name)
 
 
-_TORCH_TO_CODE = {
-    "torch.float32": "F32",
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.float64": "F64",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int16": "I16",
-    "torch.int8": "I8",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-}
-
-
 class StateDictSource(_Names):
     """An in-memory ``dict[str, torch.Tensor]`` (or numpy arrays) seen as a source."""
 
@@ -160,12 +147,9 @@ class StateDictSource(_Names):
         self._infos = {name: self._info_of(name, t) for name, t in state.items()}
 
     def _info_of(self, name: str, t: Any) -> TensorInfo:
-        if isinstance(t, np.ndarray):
-            code = {"float32": "F32", "float16": "F16", "float64": "F64"}.get(str(t.dtype))
-            if code is None and t.dtype.kind in "iub":
-                code = {"b": "BOOL"}.get(t.dtype.kind) or f"{t.dtype.kind.upper()}{t.itemsize * 8}"
-        else:
-            code = _TORCH_TO_CODE.get(str(getattr(t, "dtype", None)))
+        # numpy and torch share dtype names (float32, int64, bool...): one table serves both
+        dtype = f"torch.{t.dtype}" if isinstance(t, np.ndarray) else getattr(t, "dtype", None)
+        code = dtypes.code_of_torch(dtype)
         if code is None:
             raise InputError(f"{self.label}: tensor {name!r}: unsupported type or dtype")
         return TensorInfo(code, tuple(int(s) for s in t.shape))
@@ -179,16 +163,9 @@ class StateDictSource(_Names):
 
     def read(self, name: str) -> np.ndarray:
         t = self._state[name]
-        if not isinstance(t, np.ndarray):
-            t = t.detach().cpu().contiguous()
-            if self._infos[name].dtype == "BF16":
-                import torch
-
-                t = t.view(torch.int16)
-            t = t.numpy()
-            if self._infos[name].dtype == "BF16":
-                t = t.view(np.uint16)
-        return np.ascontiguousarray(t).reshape(-1)
+        if isinstance(t, np.ndarray):
+            return np.ascontiguousarray(t).reshape(-1)
+        return dtypes.to_numpy(t, self._infos[name].dtype)
 
 
 def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
@@ -196,7 +173,8 @@ def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
 
     Args:
         path: a ``.safetensors`` file, a model folder holding ``model.safetensors`` or
-            ``model.safetensors.index.json`` (sharded), or an in-memory state dict.
+            ``model.safetensors.index.json`` (sharded), a PEFT LoRA adapter folder
+            (``adapter_config.json``: see :mod:`merge.lora`), or an in-memory state dict.
 
     Returns:
         A source whose names, shapes and dtypes are known; tensor data is read on demand.
@@ -214,6 +192,10 @@ def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
         return StateDictSource(path)
     p = Path(path)
     if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            from .lora import LoraSource
+
+            return LoraSource(p)
         if (p / INDEX_NAME).is_file():
             return ShardedSource(p)
         if (p / SINGLE_NAME).is_file():

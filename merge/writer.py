@@ -285,13 +285,9 @@ class StateDictSink:
         """Nothing to reserve in memory."""
 
     def write(self, tensor: PlannedTensor, data: np.ndarray) -> None:
-        import torch
-
-        if tensor.out_dtype == "BF16":
-            t = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(data)
-        self.state[tensor.name] = t.reshape(tensor.shape)
+        if not data.flags.owndata:  # a carried-through input: never alias the caller's tensors
+            data = data.copy()
+        self.state[tensor.name] = dtypes.to_torch(data, tensor.out_dtype, tensor.shape)
 
     def finish(self, metadata: dict[str, str]) -> dict[str, Any]:
         return self.state

@@ -32,12 +32,12 @@ def f32_to_bf16(value: np.float32) -> np.uint16:
 
 
 def get(a, i):  # pragma: no cover - replaced by the overload in jitted code
-    """``a[i]`` as float32 (bf16 bits decoded)."""
+    """``a[i]`` as float32 (bf16 bits decoded), or float64 for float64 arrays."""
     raise NotImplementedError
 
 
 def put(a, i, value):  # pragma: no cover - replaced by the overload in jitted code
-    """``a[i] = value`` rounded to the storage dtype (bf16 bits encoded)."""
+    """``a[i] = value`` rounded to the storage dtype (bf16: via float32, ties to even)."""
     raise NotImplementedError
 
 
@@ -45,6 +45,8 @@ def put(a, i, value):  # pragma: no cover - replaced by the overload in jitted c
 def _get(a, i):
     if a.dtype == types.uint16:
         return lambda a, i: bf16_to_f32(a[i])
+    if a.dtype == types.float64:
+        return lambda a, i: a[i]
     return lambda a, i: np.float32(a[i])
 
 

@@ -10,8 +10,8 @@ from .convert import CHUNK, get, put
 
 @njit(cache=True, parallel=True, nogil=True)
 def weighted_sum(xs, weights, out, check_finite):
-    """``out = sum_i weights[i] * xs[i]``, accumulated in float64, rounded to float32 then to
-    the storage dtype of ``out``.
+    """``out = sum_i weights[i] * xs[i]``, accumulated in float64 and rounded to the storage
+    dtype of ``out`` (bf16 via float32).
 
     ``xs`` is a tuple of flat arrays of one storage dtype (bf16 bits, float32, float64).
     Returns the position in ``xs`` of the first array holding a non-finite value (the lowest
@@ -32,6 +32,6 @@ def weighted_sum(xs, weights, out, check_finite):
                     if not np.isfinite(get(xs[i], j)):
                         bad[c] = i
                         break
-            put(out, j, np.float32(acc))
+            put(out, j, acc)
     first = bad.min() if nchunks else k
     return -1 if first == k else first

@@ -42,9 +42,9 @@ def task_vectors(xs, codes, out, check_finite):
 
 @njit(cache=True, parallel=True, nogil=True)
 def add_scaled(base, tau, scale, out):
-    """``out = base + scale * tau`` in float64, rounded to float32, then to ``out``'s dtype."""
+    """``out = base + scale * tau`` in float64, rounded to ``out``'s dtype (bf16 via float32)."""
     for j in prange(out.size):
-        put(out, j, np.float32(np.float64(get(base, j)) + scale * np.float64(tau[j])))
+        put(out, j, np.float64(get(base, j)) + scale * np.float64(tau[j]))
 
 
 @njit(cache=True, parallel=True, nogil=True)
