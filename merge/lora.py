@@ -42,7 +42,7 @@ from .errors import (
     SourceNotFoundError,
 )
 from .kernels.convert import from_float32, to_float32
-from .methods.taskvec import TaskArithmetic, TaskVectorMethod
+from .methods.taskvec import TaskArithmetic, TaskVectorMethod, Ties
 from .plan import ABSENT, Plan, PlannedTensor
 from .progress import Progress
 from .provenance import Provenance
@@ -615,15 +615,20 @@ def merge_to_lora(
             for s, c in zip(plan.inputs, t.contents[1:], strict=True)
         )
     ]
+    # TIES's global selection hands out its tie quota in stream order: it must see every tensor
+    every = isinstance(method, Ties) and method.scope == "global"
     streamed = Plan(
         tuple(
             t
             for t in plan.tensors
-            if t.name in saved or (t.name in targets and not targets[t.name].concat)
+            if (every and t.merged)
+            or t.name in saved
+            or (t.name in targets and not targets[t.name].concat)
         ),
         plan.inputs,
         plan.base,
     )
+    streamed_names = {t.name for t in streamed.tensors}
     svd_modules = [tg.module.module for tg in targets.values() if not tg.concat]
     prov = Provenance(method, plan.sources, ("base",) + ("input",) * len(plan.inputs))
 
@@ -644,19 +649,21 @@ def merge_to_lora(
         arrays_of = stream(streamed)
         with Progress(sum(t.out_info.nbytes for t in out_tensors), enabled=progress) as bar:
             for t in plan.tensors:
+                item = next(arrays_of) if t.name in streamed_names else None
                 if t.name in saved:
-                    st, arrays = next(arrays_of)
-                    datas = [_merge_one(streamed, method, st, arrays, check_finite)]
+                    assert item is not None
+                    datas = [_merge_one(streamed, method, *item, check_finite)]
                 elif t.name in targets:
                     tg = targets[t.name]
-                    if tg.concat:
+                    if item is None:
                         a, b = _concat(method, t, plan, check_finite)
                     else:
-                        a, b = _factored(
-                            method, next(arrays_of), tg, streamed, check_finite, result
-                        )
+                        dw = _merged_update(method, item, streamed, check_finite)
+                        a, b = _factored(dw, tg, result)
                     datas = [_encode(a, factor_code), _encode(b, factor_code)]
                 else:
+                    if item is not None:
+                        _merged_update(method, item, streamed, check_finite)
                     continue
                 for data in datas:
                     pt = next(planned)
@@ -692,16 +699,13 @@ def _concat(
     return np.concatenate(parts_a, axis=0), np.concatenate(parts_b, axis=1)
 
 
-def _factored(
+def _merged_update(
     method: TaskVectorMethod,
     item: tuple[PlannedTensor, list[np.ndarray]],
-    tg: _Target,
     plan: Plan,
     check_finite: bool,
-    result: LoraMergeResult,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The method's merged dW of one module (exactly as in a model merge), factored by
-    truncated SVD; the retained energy goes into ``result``."""
+) -> np.ndarray:
+    """lambda(l) * combine(tau_1..tau_N) of one tensor: the update a model merge adds."""
     t, arrays = item
     taus, bad = method.taus(t, arrays, check_finite)
     if bad >= 0:
@@ -711,10 +715,17 @@ def _factored(
         )
     merged = np.empty(taus.shape[1], np.float32)
     method.combine(t, taus, merged)
-    del taus
     merged *= np.float32(method.scale(t))
+    return merged
+
+
+def _factored(
+    dw: np.ndarray, tg: _Target, result: LoraMergeResult
+) -> tuple[np.ndarray, np.ndarray]:
+    """A module's merged dW (flat, weight layout) factored by truncated SVD; the retained
+    energy goes into ``result``."""
     lm = tg.module
-    m = merged.reshape(lm.shape)
+    m = dw.reshape(lm.shape)
     a, b, kept, total = _svd_factors(np.ascontiguousarray(m.T) if lm.transposed else m, tg.rank)
     result.energy[lm.module] = kept / total if total > 0 else 1.0
     result.kept += kept

@@ -140,7 +140,8 @@ class SafetensorsSink:
         check_output(self.out, plan, self.overwrite)
         parent = self.out.parent
         if not parent.is_dir():
-            raise OutputError(f"{self.out}: folder {parent} does not exist")
+            what = "is not a folder" if parent.exists() else "does not exist"
+            raise OutputError(f"{self.out}: {parent} {what}")
         tmp_name = f".{self.out.name}.adapt-tmp-{os.getpid()}"
         try:
             self._tmp = parent / tmp_name

@@ -59,7 +59,12 @@ _MESSAGES = {
     _UNSORTED: "positions must be sorted, distinct and within [0, n)",
 }
 _UNARY_STEP = 48  # unary runs are written in pieces of at most this many one-bits
+_TABLE = 4096  # gaps below this are coded by table lookup
+_PEEK = 12  # the decoder looks codes up in windows of this many bits
 _CHUNK = 1 << 16
+_NO_SIGNS = np.zeros(0, np.uint8)
+_NO_POSITIONS = np.zeros(0, np.int64)
+_NO_OUT = np.zeros(0, np.float32)
 
 
 class CodeError(ValueError):
@@ -90,6 +95,7 @@ def _bound_bytes(count: int, n: int, m: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Bit writer and reader: the state (next byte, accumulator, bits in it) is passed by value.
+# Codes of short gaps are looked up in tables built per m (``_encode_table``, ``_decode_table``).
 
 
 @njit(inline="always")
@@ -98,6 +104,53 @@ def _params(m: int) -> tuple[int, int]:
     while (np.int64(1) << b) < m:
         b += 1
     return b, (np.int64(1) << b) - m
+
+
+@njit(inline="always")
+def _codeword(gap, m, b, u):
+    """(bits, length) of the code of ``gap``; length may exceed 56 (then bits is meaningless)."""
+    q = gap // m
+    r = gap - q * m
+    rem, rlen = np.int64(0), np.int64(0)
+    if b > 0:
+        if r < u:
+            rem, rlen = r, b - 1
+        else:
+            t = r - u
+            rem, rlen = (u + (t >> 1)) | ((t & 1) << (b - 1)), b
+    length = q + 1 + rlen
+    bits = ((np.int64(1) << q) - 1) | (rem << (q + 1)) if length <= 56 else np.int64(0)
+    return bits, length
+
+
+@njit(cache=True, nogil=True)
+def _encode_table(m):
+    """``(bits << 6) | length`` of the code of every gap below ``_TABLE`` (0 if over 56 bits)."""
+    b, u = _params(m)
+    table = np.zeros(_TABLE, np.int64)
+    for g in range(_TABLE):
+        bits, length = _codeword(np.int64(g), m, b, u)
+        if length <= 56:
+            table[g] = (bits << 6) | length
+    return table
+
+
+@njit(cache=True, nogil=True)
+def _decode_table(m):
+    """For every ``_PEEK``-bit window: ``(gap << 6) | length`` of the code it starts with, 0 when
+    that code is longer than the window."""
+    b, u = _params(m)
+    table = np.zeros(1 << _PEEK, np.int64)
+    if b > _PEEK + 1:
+        return table
+    for q in range(_PEEK):
+        for r in range(m):
+            bits, length = _codeword(np.int64(q) * m + r, m, b, u)
+            if length > _PEEK:
+                continue
+            for v in range(bits, 1 << _PEEK, 1 << length):
+                table[v] = ((np.int64(q) * m + r) << 6) | length
+    return table
 
 
 @njit(inline="always")
@@ -113,8 +166,9 @@ def _put(out, i, acc, nacc, value, nbits):
     return i, acc, nacc
 
 
-@njit(inline="always")
-def _put_gap(out, i, acc, nacc, gap, m, b, u):
+@njit(cache=True, nogil=True)
+def _put_long_gap(out, i, acc, nacc, gap, m, b, u):
+    """The rare codes not in the table (a separate function keeps the hot loops small)."""
     q = gap // m
     r = gap - q * m
     while q > _UNARY_STEP:
@@ -132,6 +186,14 @@ def _put_gap(out, i, acc, nacc, gap, m, b, u):
 
 
 @njit(inline="always")
+def _flush(out, i, acc, nacc):
+    if nacc > 0:
+        out[i] = np.uint8(acc)
+        i += 1
+    return i
+
+
+@njit(inline="always")
 def _fill(data, i, acc, nacc):
     while nacc <= 55 and i < data.size:
         acc |= np.int64(data[i]) << nacc
@@ -140,12 +202,11 @@ def _fill(data, i, acc, nacc):
     return i, acc, nacc
 
 
-@njit(inline="always")
-def _get_gap(data, i, acc, nacc, m, b, u):
-    """Read one gap; returns (ok, gap, i, acc, nacc)."""
+@njit(cache=True, nogil=True)
+def _get_long_gap(data, i, acc, nacc, m, b, u):
+    """The codes longer than the table's window, or at the end of the stream."""
     q = np.int64(0)
     while True:
-        i, acc, nacc = _fill(data, i, acc, nacc)
         if nacc == 0:
             return False, q, i, acc, nacc
         ones = np.int64(trailing_zeros(~acc))  # acc < 2**63: ~acc is never 0
@@ -157,6 +218,7 @@ def _get_gap(data, i, acc, nacc, m, b, u):
         q += nacc
         acc = np.int64(0)
         nacc = np.int64(0)
+        i, acc, nacc = _fill(data, i, acc, nacc)
     r = np.int64(0)
     if b > 0:
         i, acc, nacc = _fill(data, i, acc, nacc)
@@ -188,63 +250,62 @@ def _end_status(data, i, nacc):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. The table lookups are written out in each loop: behind a function boundary (even an
+# inlined one) numba compiles these loops several times slower.
+
+_SET, _ADD, _POSITIONS = 0, 1, 2  # what _decode does with each decoded position
 
 
 @njit(cache=True, nogil=True)
-def _encode_positions(positions, n, m, out):
+def _encode_gaps(gaps, m, out):
     b, u = _params(m)
+    table = _encode_table(m)
     i, acc, nacc = 0, np.int64(0), np.int64(0)
-    prev = np.int64(-1)
-    for e in range(positions.size):
-        p = np.int64(positions[e])
-        if p <= prev or p >= n:
-            return -1
-        i, acc, nacc = _put_gap(out, i, acc, nacc, p - prev - 1, m, b, u)
-        prev = p
-    if nacc > 0:
-        out[i] = np.uint8(acc)
-        i += 1
-    return i
+    for k in range(gaps.size):
+        gap = gaps[k]
+        e = table[gap] if gap < _TABLE else np.int64(0)
+        if e != 0:
+            i, acc, nacc = _put(out, i, acc, nacc, e >> 6, e & 63)
+        else:
+            i, acc, nacc = _put_long_gap(out, i, acc, nacc, gap, m, b, u)
+    return _flush(out, i, acc, nacc)
 
 
 @njit(cache=True, nogil=True)
-def _decode_positions(data, count, n, m, out):
+def _decode(data, count, n, m, signs, scale, positions, out, mode):
+    """Walk the code: ``positions[e] = p`` (``_POSITIONS``), ``out[p] = ±scale`` (``_SET``) or
+    ``out[p] += ±scale`` in float64, rounded once (``_ADD``). Returns a status code."""
     b, u = _params(m)
-    i, acc, nacc = 0, np.int64(0), np.int64(0)
-    p = np.int64(-1)
-    for e in range(count):
-        ok, gap, i, acc, nacc = _get_gap(data, i, acc, nacc, m, b, u)
-        if not ok:
-            return _TRUNCATED
-        p += gap + 1
-        if p >= n:
-            return _RANGE
-        out[e] = p
-    return _end_status(data, i, nacc)
-
-
-@njit(cache=True, nogil=True)
-def _scatter(data, count, m, signs, scale, out, add):
-    """``out[p] = ±scale`` (or ``out[p] += ±scale`` when ``add``) at every coded position."""
-    b, u = _params(m)
-    n = out.size
+    table = _decode_table(m)
     s = np.float64(scale)
     i, acc, nacc = 0, np.int64(0), np.int64(0)
     p = np.int64(-1)
     for e in range(count):
-        ok, gap, i, acc, nacc = _get_gap(data, i, acc, nacc, m, b, u)
-        if not ok:
-            return _TRUNCATED
+        i, acc, nacc = _fill(data, i, acc, nacc)
+        t = table[acc & ((1 << _PEEK) - 1)]
+        length = t & 63
+        if length != 0 and length <= nacc:
+            gap = t >> 6
+            acc >>= length
+            nacc -= length
+        else:
+            ok, gap, i, acc, nacc = _get_long_gap(data, i, acc, nacc, m, b, u)
+            if not ok:
+                return _TRUNCATED
         p += gap + 1
         if p >= n:
             return _RANGE
-        v = -s if (signs[e >> 3] >> (e & 7)) & 1 else s
-        if add:
-            put(out, p, np.float64(get(out, p)) + v)
+        if mode == _POSITIONS:
+            positions[e] = p
         else:
-            put(out, p, v)
+            v = -s if (signs[e >> 3] >> (e & 7)) & 1 else s
+            put(out, p, np.float64(get(out, p)) + v if mode == _ADD else v)
     return _end_status(data, i, nacc)
+
+
+@njit(inline="always")
+def _selected(bits, j, key, cut):
+    return (bits & np.uint32(0x7FFFFFFF)) != 0 and _kept(bits, j, key, cut)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -256,8 +317,7 @@ def _count_selected(x, key, cut):
     for c in prange(nch):
         s = 0
         for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            if (xb[j] & np.uint32(0x7FFFFFFF)) != 0 and _kept(xb[j], j, key, cut):
-                s += 1
+            s += _selected(xb[j], j, key, cut)
         counts[c] = s
     return counts.sum()
 
@@ -268,22 +328,31 @@ def _encode_selection(x, key, cut, m, out, signs):
 
     Returns the number of payload bytes written."""
     b, u = _params(m)
+    table = _encode_table(m)
     xb = x.view(np.uint32)
+    n = x.size
     i, acc, nacc = 0, np.int64(0), np.int64(0)
     prev = np.int64(-1)
-    e = 0
-    for j in range(x.size):
-        bits = xb[j]
-        if (bits & np.uint32(0x7FFFFFFF)) != 0 and _kept(bits, j, key, cut):
-            i, acc, nacc = _put_gap(out, i, acc, nacc, j - prev - 1, m, b, u)
+    k = 0
+    for start in range(0, n, 64):
+        mask = np.uint64(0)
+        for j in range(start, min(n, start + 64)):
+            if _selected(xb[j], j, key, cut):
+                mask |= np.uint64(1) << np.uint64(j - start)
+        while mask:
+            j = start + np.int64(trailing_zeros(mask))
+            mask &= mask - np.uint64(1)
+            gap = j - prev - 1
             prev = j
-            if bits >> np.uint32(31):
-                signs[e >> 3] |= np.uint8(1 << (e & 7))
-            e += 1
-    if nacc > 0:
-        out[i] = np.uint8(acc)
-        i += 1
-    return i
+            e = table[gap] if gap < _TABLE else np.int64(0)
+            if e != 0:
+                i, acc, nacc = _put(out, i, acc, nacc, e >> 6, e & 63)
+            else:
+                i, acc, nacc = _put_long_gap(out, i, acc, nacc, gap, m, b, u)
+            if xb[j] >> np.uint32(31):
+                signs[k >> 3] |= np.uint8(1 << (k & 7))
+            k += 1
+    return _flush(out, i, acc, nacc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,15 +373,16 @@ def encode_positions(positions: np.ndarray, n: int, m: int | None = None) -> tup
     Raises:
         CodeError: the positions are not sorted, distinct and within ``[0, n)``.
     """
-    positions = np.ascontiguousarray(positions, np.int64).reshape(-1)
-    count = positions.size
-    m = golomb_parameter(count, n) if m is None else int(m)
+    positions = np.asarray(positions).reshape(-1)
+    m = golomb_parameter(positions.size, n) if m is None else int(m)
     if not 1 <= m <= MAX_M:
         raise ValueError(f"m must be in [1, {MAX_M}], got {m}")
-    out = np.zeros(_bound_bytes(count, n, m), np.uint8)
-    size = int(_encode_positions(positions, np.int64(n), np.int64(m), out))
-    if size < 0:
+    gaps = np.diff(positions.astype(np.int64), prepend=np.int64(-1)) - 1
+    if positions.size and (gaps.min() < 0 or positions[-1] >= n):
         _check(_UNSORTED)
+    bits = int((gaps // m).sum()) + gaps.size * (1 + (m - 1).bit_length())
+    out = np.empty((bits + 7) // 8 + 8, np.uint8)
+    size = int(_encode_gaps(gaps, np.int64(m), out))
     return out[:size].copy(), m
 
 
@@ -322,9 +392,9 @@ def decode_positions(payload: np.ndarray, count: int, n: int, m: int) -> np.ndar
     Raises:
         CodeError: the payload is truncated, decodes past ``n`` or has trailing bytes.
     """
-    out = np.empty(count, np.int64)
-    _check(_decode_positions(_u8(payload), np.int64(count), np.int64(n), np.int64(m), out))
-    return out
+    positions = np.empty(count, np.int64)
+    _walk(payload, count, n, m, _NO_SIGNS, 0.0, positions, _NO_OUT, _POSITIONS)
+    return positions
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -383,7 +453,7 @@ def scatter_ternary(
     Raises:
         CodeError: corrupt payload or sign bits.
     """
-    _scatter_checked(payload, count, m, signs, scale, out, False)
+    _scatter_checked(payload, count, m, signs, scale, out, _SET)
 
 
 def scatter_add_ternary(
@@ -395,7 +465,7 @@ def scatter_add_ternary(
     Raises:
         CodeError: corrupt payload or sign bits.
     """
-    _scatter_checked(payload, count, m, signs, scale, out, True)
+    _scatter_checked(payload, count, m, signs, scale, out, _ADD)
 
 
 def _scatter_checked(
@@ -405,14 +475,32 @@ def _scatter_checked(
     signs: np.ndarray,
     scale: float,
     out: np.ndarray,
-    add: bool,
+    mode: int,
 ) -> None:
     signs = _u8(signs)
     if signs.size != (count + 7) // 8:
         raise CodeError(f"{count} sign bits need {(count + 7) // 8} bytes, got {signs.size}")
     if count % 8 and int(signs[-1]) >> (count % 8):
         raise CodeError("non-zero padding bits after the last sign bit (corrupt payload)")
-    _check(_scatter(_u8(payload), np.int64(count), np.int64(m), signs, scale, out, add))
+    _walk(payload, count, out.size, m, signs, scale, _NO_POSITIONS, out, mode)
+
+
+def _walk(
+    payload: np.ndarray,
+    count: int,
+    n: int,
+    m: int,
+    signs: np.ndarray,
+    scale: float,
+    positions: np.ndarray,
+    out: np.ndarray,
+    mode: int,
+) -> None:
+    status = _decode(
+        _u8(payload), np.int64(count), np.int64(n), np.int64(m), signs, float(scale), positions,
+        out, mode,
+    )
+    _check(status)
 
 
 def _u8(a: np.ndarray) -> np.ndarray:
