@@ -14,6 +14,7 @@ import typer
 from typer.exceptions import TyperException
 
 from . import (
+    compress_command,
     demo_command,
     diff_command,
     inspect_command,
@@ -36,6 +37,9 @@ app.command("soup", epilog=soup_command.EXAMPLES)(soup_command.soup)
 app.command("lines", epilog=lines_command.EXAMPLES)(lines_command.lines)
 app.command("diff", epilog=diff_command.EXAMPLES)(diff_command.diff)
 app.command("demo")(demo_command.demo)
+app.command("compress", epilog=compress_command.COMPRESS_EXAMPLES)(compress_command.compress)
+app.command("decompress", epilog=compress_command.DECOMPRESS_EXAMPLES)(compress_command.decompress)
+app.command("apply", epilog=compress_command.APPLY_EXAMPLES)(compress_command.apply)
 
 
 def _print_version(value: bool) -> None:

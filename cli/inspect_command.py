@@ -33,10 +33,12 @@ def inspect(
 ) -> None:
     """Show format, tensor and parameter counts, dtypes, bytes and metadata."""
     import merge
-    from merge.summary import summarize
+    from merge.summary import compression_summary, summarize
 
     source = merge.open(path)
     info = summarize(source)
+    if (compressed := compression_summary(source)) is not None:
+        info["compression"] = compressed
     if layers:
         from merge.summary import layer_table
 
@@ -52,6 +54,10 @@ def inspect(
     console.print(
         f"{info['tensors']} tensors, {info['parameters']:,} parameters, {_size(info['bytes'])}"
     )
+    if compressed is not None:
+        from .compress_command import describe
+
+        console.print(f"ComPEFT ({compressed['update']}): {describe(compressed)}", markup=False)
     table = Table("dtype", "tensors", "parameters", "bytes")
     for code, d in info["dtypes"].items():
         table.add_row(code, str(d["tensors"]), f"{d['parameters']:,}", _size(d["bytes"]))

@@ -43,8 +43,8 @@ def build_method(
     weights: str | None = None,
     lam: float | None = None,
     density: float | None = None,
-    scope: str = "global",
-    sign: str = "total",
+    scope: str | None = None,
+    sign: str | None = None,
     seed: int = 0,
     lines_alpha: float | None = None,
     lines_beta: float | None = None,
@@ -70,17 +70,26 @@ def build_method(
                 "task-vector method"
             )
         return Soup(weights=w)
+    if scope is not None and name != "ties":
+        raise ParameterError("--scope applies to ties only")
+    if sign is not None and name not in ("ties", "dare-ties"):
+        raise ParameterError("--sign applies to ties and dare-ties only")
     common = {"weights": w, "lam": lam, "lines": lines}
     if name == "task-arithmetic":
         if density is not None:
             raise ParameterError("--density applies to ties, dare-linear and dare-ties")
         return TaskArithmetic(**common)
     if name == "ties":
-        return Ties(**common, density=0.2 if density is None else density, scope=scope, sign=sign)
+        return Ties(
+            **common,
+            density=0.2 if density is None else density,
+            scope="global" if scope is None else scope,
+            sign="total" if sign is None else sign,
+        )
     dare = {"density": 0.5 if density is None else density, "seed": seed}
     if name == "dare-linear":
         return DareLinear(**common, **dare)
-    return DareTies(**common, **dare, sign=sign)
+    return DareTies(**common, **dare, sign="total" if sign is None else sign)
 
 
 def merge(
@@ -124,14 +133,17 @@ def merge(
         ),
     ] = None,
     scope: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="TIES trimming over the whole model or per tensor.", rich_help_panel=METHOD
+            help="TIES trimming: global (whole model) or tensor [global].", rich_help_panel=METHOD
         ),
-    ] = "global",
+    ] = None,
     sign: Annotated[
-        str, typer.Option(help="TIES sign election: total or frequency.", rich_help_panel=METHOD)
-    ] = "total",
+        str | None,
+        typer.Option(
+            help="TIES sign election: total or frequency [total].", rich_help_panel=METHOD
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="DARE seed.", rich_help_panel=METHOD)] = 0,
     deltas: Annotated[
         bool,
@@ -193,6 +205,7 @@ def merge(
 ) -> None:
     """Merge checkpoints: model soups, or task arithmetic, TIES and DARE over a base."""
     import merge as engine
+    from merge.api import check
     from merge.errors import ParameterError
 
     chosen = build_method(
@@ -209,7 +222,7 @@ def merge(
         layer_pattern=layer_pattern,
     )
     plan = engine.plan(inputs, base=base, dtype=dtype, deltas=deltas)
-    chosen.validate(len(plan.inputs))
+    check(chosen, plan)
     if dry_run:
         print_plan(plan, chosen)
         return

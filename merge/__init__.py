@@ -5,6 +5,7 @@ Example:
     >>> merge.soup(["a.safetensors", "b.safetensors"], out="soup.safetensors")  # doctest: +SKIP
 """
 
+from . import compeft
 from .api import open, plan, run, soup
 from .errors import (
     AdaptError,
@@ -47,6 +48,7 @@ __all__ = [
     "TaskArithmetic",
     "TensorInfo",
     "Ties",
+    "compeft",
     "greedy_soup",
     "merge_to_lora",
     "open",

@@ -58,6 +58,26 @@ def plan(
     return build_plan(sources, base_src, dtypes.parse(dtype) if dtype else None)
 
 
+def check(method: Method, p: Plan) -> None:
+    """Everything about ``method`` on plan ``p`` that can be refused before any work.
+
+    Raises:
+        ParameterError: bad parameters, a base missing or extra, a task vector given to a
+            method that averages weights.
+    """
+    method.validate(len(p.inputs))
+    if method.needs_base and p.base is None:
+        raise ParameterError(f"method {method.name!r} needs a base model (--base)")
+    if not method.needs_base and p.base is not None:
+        raise ParameterError(f"method {method.name!r} takes no base model; drop --base")
+    for src in p.inputs:
+        if src.delta and not method.needs_base:
+            raise ParameterError(
+                f"{src.label}: holds a task vector; {method.name!r} averages weights: give "
+                "--base and a task-vector method (task-arithmetic, ties, dare-*)"
+            )
+
+
 def run(
     method: Method,
     inputs: Sequence[Input],
@@ -95,16 +115,7 @@ def run(
         AdaptError: any bad input or option; the message names the file and the tensor.
     """
     p = plan(inputs, base=base, dtype=dtype, deltas=deltas)
-    if method.needs_base and p.base is None:
-        raise ParameterError(f"method {method.name!r} needs a base model (--base)")
-    if not method.needs_base and p.base is not None:
-        raise ParameterError(f"method {method.name!r} takes no base model; drop --base")
-    for src in p.inputs:
-        if src.delta and not method.needs_base:
-            raise ParameterError(
-                f"{src.label}: holds a task vector; {method.name!r} averages weights: give "
-                "--base and a task-vector method (task-arithmetic, ties, dare-*)"
-            )
+    check(method, p)
     out_code = dtypes.parse(dtype) if dtype else None
     if out is None:
         sink: SafetensorsSink | StateDictSink = StateDictSink()

@@ -84,7 +84,6 @@ def execute(
         MismatchError: a carried-through (integer/bool) tensor differs between inputs.
         OutputError: the output cannot be written. Nothing is left behind on any error.
     """
-    method.validate(len(plan.inputs))
     sink.begin(plan)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt-read")
     try:

@@ -315,12 +315,10 @@ class LoraSource(_Names):
         lm = self.modules.get(name)
         if lm is None:
             return self._file.read(self.saved.get(name) or self.copies[name])
-        import torch
-
         a, b = self.factors(name)
-        dw = torch.from_numpy(b) @ torch.from_numpy(a)
-        dw = (dw.T if lm.transposed else dw).contiguous() * lm.scale
-        out = dw.numpy().reshape(-1)
+        dw = b @ a  # float32 BLAS, like peft's get_delta_weight; scaled after, as peft does
+        out = np.ascontiguousarray(dw.T if lm.transposed else dw).reshape(-1)
+        out *= np.float32(lm.scale)
         if name in self.copies:
             out += self.raw_float32(self.copies[name])
         return out

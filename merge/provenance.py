@@ -113,6 +113,8 @@ class Provenance:
         out = []
         for role, src in zip(self.roles, self.sources, strict=True):
             entry: dict[str, Any] = {"role": role, "path": src.label}
+            if getattr(src, "repo", None):  # an hf:// input: its repo and commit sha
+                entry |= {"repo": src.repo, "revision": src.revision}  # type: ignore[attr-defined]
             if src.files:
                 root = src.folder
                 entry["sha256"] = {

@@ -174,7 +174,9 @@ def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
     Args:
         path: a ``.safetensors`` file, a model folder holding ``model.safetensors`` or
             ``model.safetensors.index.json`` (sharded), a PEFT LoRA adapter folder
-            (``adapter_config.json``: see :mod:`merge.lora`), or an in-memory state dict.
+            (``adapter_config.json``: see :mod:`merge.lora`), an in-memory state dict, or a
+            Hub reference ``hf://org/name[@revision][/path]`` (see :mod:`merge.hub`; such a
+            source also has ``repo`` and ``revision``, the resolved commit sha).
 
     Returns:
         A source whose names, shapes and dtypes are known; tensor data is read on demand.
@@ -190,6 +192,10 @@ def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
     """
     if isinstance(path, Mapping):
         return StateDictSource(path)
+    if isinstance(path, str) and path.startswith("hf://"):
+        from .hub import open_hub
+
+        return open_hub(path)
     p = Path(path)
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
@@ -203,4 +209,9 @@ def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
         raise SourceNotFoundError(f"{p}: folder has neither {SINGLE_NAME} nor {INDEX_NAME}")
     if not p.exists():
         raise SourceNotFoundError(f"{p}: no such file or folder")
-    return FileSource(p)
+    source = FileSource(p)
+    if source.metadata.get("adapt_format") == "compeft":  # a ComPEFT container
+        from .compeft import CompressedSource
+
+        return CompressedSource.from_file(source)
+    return source

@@ -54,3 +54,37 @@ def layer_table(
         stack, block, scale = schedule.describe(name)
         rows.append({"name": name, "stack": stack, "block": block, "scale": scale})
     return rows
+
+
+def compression_summary(src: Source) -> dict[str, Any] | None:
+    """Size figures of a ComPEFT source (None for any other source), from headers only: bits
+    per parameter of the file and of its payloads, the entropy bound H(d) + d at the coded
+    density d, and the ratio against the original dtypes."""
+    from . import dtypes
+    from .compeft import CompressedSource, bound_bits
+
+    if not isinstance(src, CompressedSource):
+        return None
+    h = src.header
+    n = max(h.parameters, 1)
+    file_bytes = sum(f.stat().st_size for f in src.files) if src.files else src.payload_bytes
+    original = sum(c.numel * dtypes.itemsize(c.dtype) for c in src.codes.values())
+    return {
+        "update": h.update,
+        "density": h.density,
+        "alpha": h.alpha,
+        "scope": h.scope,
+        "sigma": h.sigma,
+        "scale": h.scale,
+        "parameters": h.parameters,
+        "kept": h.kept,
+        "coded": h.coded,
+        "file_bytes": file_bytes,
+        "payload_bytes": src.payload_bytes,
+        "bits_per_parameter": 8 * file_bytes / n,
+        "payload_bits_per_parameter": 8 * src.payload_bytes / n,
+        "bound_bits_per_parameter": bound_bits(h.coded / n),
+        "original_bytes": original,
+        "original_dtypes": sorted({c.dtype for c in src.codes.values()}),
+        "ratio": original / max(file_bytes, 1),
+    }

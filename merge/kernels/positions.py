@@ -497,12 +497,18 @@ def _walk(
     mode: int,
 ) -> None:
     status = _decode(
-        _u8(payload), np.int64(count), np.int64(n), np.int64(m), signs, float(scale), positions,
-        out, mode,
+        _u8(payload),
+        np.int64(count),
+        np.int64(n),
+        np.int64(m),
+        signs,
+        float(scale),
+        positions,
+        out,
+        mode,
     )
     _check(status)
 
 
 def _u8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, np.uint8).reshape(-1)
-

@@ -9,6 +9,7 @@ lambda(l) = alpha + beta (l-1)/(L-1). Formulas, citations and choices: docs/meth
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,15 @@ _CODES = {planning.WEIGHTS: WEIGHTS, planning.DELTA: DELTA, planning.ABSENT: ABS
 def input_codes(t: PlannedTensor) -> np.ndarray:
     """Per input (base excluded): what its array holds, as task_vectors' int8 codes."""
     return np.array([_CODES[c] for c in t.contents[1:]], np.int8)
+
+
+def _schedule_for(
+    names: list[str], alpha: float, beta: float, pattern: str | None
+) -> LayerSchedule:
+    try:
+        return LayerSchedule.from_names(names, alpha, beta, pattern)
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
 
 
 def _check_density(density: float) -> None:
@@ -96,6 +106,13 @@ class TaskVectorMethod(Method):
                 "--lambda and LiNeS (--lines-beta) exclude each other: LiNeS sets each "
                 "layer's lambda"
             )
+        scales = {"--lambda": self.lam}
+        if self.lines is not None:
+            scales |= {"--lines-alpha": self.lines.alpha, "--lines-beta": self.lines.beta}
+            _schedule_for([], 0.0, 0.0, self.lines.pattern)  # checks the pattern
+        for option, value in scales.items():
+            if value is not None and not math.isfinite(value):
+                raise ParameterError(f"{option} must be a finite number, got {value}")
 
     def w(self, n: int) -> np.ndarray:
         return np.ones(n) if self.weights is None else np.asarray(self.weights, np.float64)
@@ -103,6 +120,7 @@ class TaskVectorMethod(Method):
     # -- passes ---------------------------------------------------------------------------
 
     def prepare(self, plan: Plan, stream: TensorStream) -> None:
+        self._schedule = None  # an instance may run again on another plan
         self.prepare_selection(plan, stream)
         if self.lines is None:
             return
@@ -110,13 +128,13 @@ class TaskVectorMethod(Method):
         alpha = self.lines.alpha
         if alpha is None:
             alpha = self._lines_alpha(plan, stream)
-        self._schedule = LayerSchedule.from_names(names, alpha, self.lines.beta, self.lines.pattern)
+        self._schedule = _schedule_for(names, alpha, self.lines.beta, self.lines.pattern)
 
     def prepare_selection(self, plan: Plan, stream: TensorStream) -> None:
         """Extra passes a method needs before merging (global top-k)."""
 
     def _lines_alpha(self, plan: Plan, stream: TensorStream) -> float:
-        saved = copy.deepcopy(self.__dict__)
+        saved = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_schedule"})
         sum_l1 = merged_l1 = 0.0
         for t, arrays in stream():
             taus, _ = self.taus(t, arrays)
@@ -210,6 +228,7 @@ class Ties(TaskVectorMethod):
             raise ParameterError(f"--sign must be total or frequency, got {self.sign!r}")
 
     def prepare_selection(self, plan: Plan, stream: TensorStream) -> None:
+        self._global = None
         if self.scope != "global":
             return
         self._global = [GlobalTopK(density=self.density) for _ in plan.inputs]
