@@ -17,10 +17,12 @@ from . import (
     compress_command,
     demo_command,
     diff_command,
+    hub_command,
     inspect_command,
     lines_command,
     merge_command,
     soup_command,
+    sparse_command,
 )
 
 app = typer.Typer(
@@ -37,9 +39,12 @@ app.command("soup", epilog=soup_command.EXAMPLES)(soup_command.soup)
 app.command("lines", epilog=lines_command.EXAMPLES)(lines_command.lines)
 app.command("diff", epilog=diff_command.EXAMPLES)(diff_command.diff)
 app.command("demo")(demo_command.demo)
+app.command("pull", epilog=hub_command.PULL_EXAMPLES)(hub_command.pull)
+app.command("push", epilog=hub_command.PUSH_EXAMPLES)(hub_command.push)
 app.command("compress", epilog=compress_command.COMPRESS_EXAMPLES)(compress_command.compress)
 app.command("decompress", epilog=compress_command.DECOMPRESS_EXAMPLES)(compress_command.decompress)
 app.command("apply", epilog=compress_command.APPLY_EXAMPLES)(compress_command.apply)
+app.add_typer(sparse_command.app, name="sparse")
 
 
 def _print_version(value: bool) -> None:

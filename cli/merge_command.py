@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -94,8 +95,11 @@ def build_method(
 
 def merge(
     inputs: Annotated[
-        list[str], typer.Argument(help="Checkpoints: .safetensors files or model folders.")
-    ],
+        list[str] | None,
+        typer.Argument(
+            help="Checkpoints: .safetensors files, model folders, hf://org/name@revision/path."
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -193,8 +197,8 @@ def merge(
     rank: Annotated[
         int | None,
         typer.Option(
-            help="--to-lora: rank of SVD-factored modules [largest input rank]; linear merges "
-            "above it are factored too.",
+            help="--to-lora: rank of SVD-factored modules (default: the largest input rank); "
+            "linear merges above it are factored too.",
             rich_help_panel=OUTPUT,
         ),
     ] = None,
@@ -202,12 +206,34 @@ def merge(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
     ] = False,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            help="Replay an adapt-recipe.json (written beside every model adapt writes): its "
+            "inputs, method and options; only -o, --overwrite, --dry-run, -q, --offline go "
+            "with it."
+        ),
+    ] = None,
+    offline: Annotated[
+        bool,
+        typer.Option(help="hf:// inputs from the local cache only (as HF_HUB_OFFLINE=1)."),
+    ] = False,
 ) -> None:
     """Merge checkpoints: model soups, or task arithmetic, TIES and DARE over a base."""
+    args = dict(locals())  # the arguments as given, checked by --recipe
     import merge as engine
     from merge.api import check
     from merge.errors import ParameterError
 
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if recipe is not None:
+        from .hub_command import replay
+
+        replay(recipe, args)
+        return
+    if not inputs:
+        raise ParameterError("missing INPUTS: the checkpoints to merge (or --recipe FILE)")
     chosen = build_method(
         method,
         has_base=base is not None,

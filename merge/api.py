@@ -121,12 +121,19 @@ def run(
         sink: SafetensorsSink | StateDictSink = StateDictSink()
     else:
         ref = p.base if p.base is not None else p.inputs[0]
+        size = parse_size(shard_size)
         sink = SafetensorsSink(
             out,
-            shard_size=parse_size(shard_size),
+            shard_size=size,
             copy_from=ref.folder,
             out_dtype=out_code,
             overwrite=overwrite,
+            recipe_options={
+                "dtype": dtype,
+                "deltas": deltas,
+                "allow_nonfinite": allow_nonfinite,
+                "shard_size": None if size == DEFAULT_SHARD_SIZE else shard_size,
+            },
         )
     roles = (("base",) if p.base is not None else ()) + ("input",) * len(p.inputs)
     prov = Provenance(method, p.sources, roles)

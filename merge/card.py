@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, ParameterError
 from .safetensors_file import SafetensorsFile
 from .sources import INDEX_NAME, SINGLE_NAME
 
@@ -121,8 +121,23 @@ class Recipe:
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
+    @property
+    def replayable(self) -> bool:
+        """Made by a merge method, so ``adapt merge --recipe`` replays it."""
+        from .methods import METHODS
+
+        return self.method in METHODS
+
     def merge_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``adapt merge`` (``cli.merge_command.merge``) replaying this."""
+        """Keyword arguments of ``adapt merge`` (``cli.merge_command.merge``) replaying this.
+
+        Raises:
+            ParameterError: not made by a merge method.
+        """
+        if not self.replayable:
+            raise ParameterError(
+                f"the recipe's method {self.method!r} is not a merge method: only merges replay"
+            )
         p = self.parameters
         kw: dict[str, Any] = {"inputs": list(self.inputs), "base": self.base, "method": self.method}
         if p.get("weights") is not None:
@@ -139,7 +154,7 @@ class Recipe:
         return kw | self.options
 
     def command(self, out: str) -> str:
-        """The ``adapt merge`` command line that gives this recipe's output at ``out``."""
+        """The ``adapt merge`` command line that writes this recipe's output to ``out``."""
         kw = self.merge_options()
         args = ["adapt", "merge", *kw["inputs"]]
         for key, flag in FLAGS.items():
@@ -152,10 +167,16 @@ class Recipe:
 
 
 def _citation(method: str) -> str:
-    from .methods import METHODS, TaskVector
+    """The citation of the method class named ``method`` (merges, diff, ComPEFT...)."""
+    from .methods import Method
 
-    cls = {**METHODS, TaskVector.name: TaskVector}.get(method)
-    return _linked(cls.citation) if cls is not None else "(no citation recorded)"
+    classes: list[type] = [Method]
+    while classes:
+        cls = classes.pop()
+        if vars(cls).get("name") == method:
+            return _linked(cls.citation)  # type: ignore[attr-defined]
+        classes += cls.__subclasses__()
+    return "(no citation recorded)"
 
 
 def _linked(citation: str) -> str:
@@ -176,43 +197,43 @@ def _version_of(entry: Mapping[str, Any]) -> str:
 def _usage(kind: str, location: str, base: str | None) -> str:
     if kind == "adapter":
         return (
-            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({base or 'BASE_MODEL'!r})\n"
-            f"model = PeftModel.from_pretrained(base, {location!r})\n```"
+            "```python\nfrom peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base or 'BASE')})\n"
+            f"model = PeftModel.from_pretrained(base, {json.dumps(location)})\n```"
         )
     if kind == "task vector":
-        cmd = shlex.join(["adapt", "merge", "--base", base or "BASE", location, "-o", "merged"])
-        return f"A task vector (theta - theta_0): add it to its base with adapt.\n\n```sh\n{cmd}\n```"
+        cmd = shlex.join(["adapt", "merge", "--base", base or "BASE", location, "-o", "OUT"])
+        return (
+            f"A task vector (theta - theta_0): add it to its base with adapt.\n\n```sh\n{cmd}\n```"
+        )
     return (
         "```python\nfrom transformers import AutoModelForCausalLM\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained({location!r})\n```"
+        f"model = AutoModelForCausalLM.from_pretrained({json.dumps(location)})\n```"
     )
 
 
 def card_text(
-    metadata: Mapping[str, str],
-    recipe: Recipe,
-    *,
-    kind: str,
-    name: str,
-    location: str,
-    out: str,
+    metadata: Mapping[str, str], recipe: Recipe, kind: str, repo_id: str | None = None
 ) -> str:
     """README.md of an output folder.
 
+    The text depends only on what made the output, not on where it was written: the same
+    merge gives the same card. ``repo_id`` (``adapt push --card``) names the Hub repository in
+    the title and the loading snippet; without it they say ``PATH``.
+
     Args:
         metadata: the output's provenance ``__metadata__``.
+        recipe: its recipe.
         kind: ``"model"``, ``"adapter"`` (PEFT LoRA) or ``"task vector"``.
-        name: the title.
-        location: what ``from_pretrained`` loads (a Hub repo id or the folder's path).
-        out: the output path written into the command line.
+        repo_id: the Hub repository the folder is pushed to.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     entries = json.loads(metadata["adapt_inputs"])
     base_entry = next((e for e in entries if e["role"] == "base"), None)
     repos = list(dict.fromkeys(e["repo"] for e in entries if e.get("repo")))
-    tags = ["adapt", "merge", recipe.method]
+    tags = ["adapt", "merge", recipe.method] if recipe.replayable else ["adapt", recipe.method]
     if kind == "adapter":
         tags.append("lora")
     if recipe.parameters.get("lines"):
@@ -224,25 +245,37 @@ def card_text(
     if kind == "adapter" and base_entry and base_entry.get("repo"):
         data.base_model = base_entry["repo"]
         data.base_model_relation = "adapter"
-    elif kind == "model" and repos:
+    elif kind == "model" and repos and recipe.replayable:
         data.base_model = repos
         data.base_model_relation = "merge"
+    elif kind == "model" and base_entry and base_entry.get("repo"):
+        data.base_model = base_entry["repo"]
 
-    params = "\n".join(
-        f"| {k} | `{_cell(json.dumps(v))}` |" for k, v in sorted(recipe.parameters.items())
-    )
-    rows = "\n".join(
-        f"| {e['role']} | `{_cell(e['path'])}` | {_version_of(e)} |" for e in entries
-    )
+    what = {"model": "model", "adapter": "LoRA adapter", "task vector": "task vector"}[kind]
+    title = repo_id.rpartition("/")[2] if repo_id else f"{recipe.method} {what}"
+    location = repo_id or "PATH"
+    where = "" if repo_id else "\n\n`PATH` is this folder, or the Hub repository it is pushed to."
+    over = f" over the base `{_cell(recipe.base)}`" if recipe.base else ""
     lines = ""
     if recipe.parameters.get("lines"):
         lines = f"\n\nWith LiNeS layer scaling: {_linked(LINES_CITATION)}."
-    what = {"model": "merged model", "adapter": "LoRA adapter", "task vector": "task vector"}[kind]
+    params = "\n".join(
+        f"| {k} | `{_cell(json.dumps(v))}` |" for k, v in sorted(recipe.parameters.items())
+    )
+    rows = "\n".join(f"| {e['role']} | `{_cell(e['path'])}` | {_version_of(e)} |" for e in entries)
     base_location = (base_entry.get("repo") or base_entry["path"]) if base_entry else None
-    body = f"""# {name}
+    replay = f"`{RECIPE_NAME}` beside this card is the recipe."
+    command = ""
+    if recipe.replayable:
+        replay += (
+            f" `adapt merge --recipe {RECIPE_NAME} -o OUT` replays it (inputs as given: paths "
+            "and `hf://` references)."
+        )
+        command = f"\nThe same as a command line:\n\n```sh\n{recipe.command('OUT')}\n```\n"
+    body = f"""# {title}
 
 A {what} made with adapt {metadata.get("adapt_version", "")} by **{recipe.method}** from \
-{len(recipe.inputs)} input(s){f" over the base `{_cell(recipe.base)}`" if recipe.base else ""}.
+{len(recipe.inputs)} input(s){over}.
 
 ## Method
 
@@ -260,22 +293,15 @@ A {what} made with adapt {metadata.get("adapt_version", "")} by **{recipe.method
 
 ## Recipe
 
-`{RECIPE_NAME}` beside this card is the recipe; `adapt merge --recipe {RECIPE_NAME} -o OUT` \
-replays it (inputs as given: paths and `hf://` references).
+{replay}
 
 ```json
 {recipe.to_json().rstrip()}
 ```
-
-Command line:
-
-```sh
-{recipe.command(out)}
-```
-
+{command}
 ## Usage
 
-{_usage(kind, location, base_location)}
+{_usage(kind, location, base_location)}{where}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
@@ -286,22 +312,14 @@ def _kind(folder: Path, metadata: Mapping[str, str]) -> str:
     return "task vector" if metadata.get("adapt_content") == "task_vector" else "model"
 
 
-def _card(
-    folder: Path, metadata: Mapping[str, str], options: Mapping[str, Any] | None, **names: str
-) -> tuple[Recipe, str]:
-    recipe = Recipe.from_metadata(metadata, options)
-    return recipe, card_text(metadata, recipe, kind=_kind(folder, metadata), **names)
-
-
-def write(
-    folder: Path, metadata: Mapping[str, str], options: Mapping[str, Any] | None, out: Path
-) -> None:
-    """Write ``README.md`` and ``adapt-recipe.json`` into ``folder`` (the output's temporary
-    folder, before its rename to ``out``); nothing for outputs without adapt provenance."""
+def write(folder: Path, metadata: Mapping[str, str], options: Mapping[str, Any] | None) -> None:
+    """Write ``README.md`` and ``adapt-recipe.json`` into an output folder (while it is still
+    the temporary folder); nothing for outputs without adapt provenance."""
     if "adapt_method" not in metadata or "adapt_inputs" not in metadata:
         return
-    recipe, text = _card(folder, metadata, options, name=out.name, location=str(out), out=str(out))
+    recipe = Recipe.from_metadata(metadata, options)
     (folder / RECIPE_NAME).write_text(recipe.to_json(), encoding="utf-8")
+    text = card_text(metadata, recipe, _kind(folder, metadata))
     (folder / CARD_NAME).write_text(text, encoding="utf-8")
 
 
@@ -328,12 +346,13 @@ def refresh(folder: Path, repo_id: str) -> None:
         InputError: the folder was not written by adapt.
     """
     metadata = folder_metadata(folder)
-    if "adapt_method" not in metadata:
+    if "adapt_method" not in metadata or "adapt_inputs" not in metadata:
         raise InputError(f"{folder}: not written by adapt (no provenance metadata): no card")
     recipe_path = folder / RECIPE_NAME
     options = Recipe.load(recipe_path).options if recipe_path.is_file() else None
-    name = repo_id.rpartition("/")[2]
-    _, text = _card(folder, metadata, options, name=name, location=repo_id, out=name)
+    text = card_text(
+        metadata, Recipe.from_metadata(metadata, options), _kind(folder, metadata), repo_id
+    )
     tmp = folder / f".{CARD_NAME}.adapt-tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, folder / CARD_NAME)

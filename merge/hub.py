@@ -54,7 +54,7 @@ NEEDED_FILES = (*WEIGHT_FILES, card.ADAPTER_CONFIG, *COPIED_FILES)
 
 @dataclass(frozen=True)
 class Pulled:
-    """Where :func:`pull` put a repository's files, and the commit they come from."""
+    """Where :func:`pull` (or :func:`fetch`) put files, and the commit they come from."""
 
     path: Path
     repo_id: str
@@ -112,11 +112,12 @@ def hub_errors(what: str, *, writing: bool = False) -> Iterator[None]:
     except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
         reason = "offline mode is on" if is_offline() else "the Hub could not be reached"
         raise NotCachedError(
-            f"{what}: no cached copy in {where} and {reason}: run `adapt pull` with network "
-            "access first"
+            f"{what}: not in {where} and {reason}: run `adapt pull` with network access first"
         ) from None
     except TransportError as e:
-        raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT}: {e}") from None
+        raise HubError(
+            f"{what}: cannot reach the Hub at {constants.ENDPOINT}: {_one_line(str(e))}"
+        ) from None
     except (hf.HFValidationError, hf.HfUriError) as e:
         raise BadRepoIdError(f"bad repository id {what!r}: {_one_line(str(e))}") from None
     except hf.LocalTokenNotFoundError:
@@ -159,12 +160,15 @@ def _download(
     patterns: Sequence[str],
     what: str,
     local_dir: Path | None = None,
-) -> tuple[Path, str | None]:
-    """``snapshot_download`` of the files matching ``patterns``: (folder, commit sha).
+    wanted: str | None = None,
+) -> tuple[Path, str | None, bool]:
+    """``snapshot_download`` of the files matching ``patterns``: (folder, commit sha, whether
+    only the cache was read).
 
-    Online, the revision is resolved first, so a pattern that matches no file of that commit
-    is a :class:`HubFileNotFoundError`. Offline (or with the Hub unreachable) only the cache is
-    read; the sha is then known for cache folders only (``snapshots/<sha>``).
+    Online, the revision is resolved first, so patterns that match no file of that commit are
+    a :class:`HubFileNotFoundError` (naming ``wanted``, default: the patterns). Offline (or
+    with the Hub unreachable) only the cache is read; the sha is then known for cache folders
+    only (``snapshots/<sha>``).
     """
     patterns = list(patterns)
     offline = is_offline()
@@ -178,10 +182,8 @@ def _download(
         if info is not None:
             names = [s.rfilename for s in info.siblings or ()]
             if not list(filter_repo_objects(names, allow_patterns=patterns)):
-                shown = ", ".join(patterns[:4]) + (", ..." if len(patterns) > 4 else "")
-                raise HubFileNotFoundError(
-                    f"{what}: no file of {repo_id} at {info.sha} matches {shown}"
-                )
+                wanted = wanted or "file matching " + " or ".join(patterns)
+                raise HubFileNotFoundError(f"{what}: no {wanted} in {repo_id} at {info.sha}")
         folder = api.snapshot_download(
             repo_id,
             revision=revision,
@@ -192,7 +194,7 @@ def _download(
     path = Path(folder)
     # a cache folder is snapshots/<sha>: what was read, offline too
     sha = path.name if local_dir is None else (info.sha if info is not None else None)
-    return path, sha
+    return path, sha, offline
 
 
 def _shards(index: Path) -> list[str]:
@@ -216,30 +218,25 @@ def fetch(ref: str, api: HfApi | None = None) -> Pulled:
     api = api or HfApi()
     uri = parse(ref)
     sub = uri.path_in_repo
-    if sub.endswith(".safetensors"):
-        patterns = [sub]
-    else:
-        prefix = f"{sub}/" if sub else ""
-        patterns = [prefix + name for name in NEEDED_FILES]
-    folder, sha = _download(api, uri.id, uri.revision, patterns, ref)
+    single = sub.endswith(".safetensors")
+    prefix = f"{sub}/" if sub else ""
+    wanted = f"file {sub}" if single else " or ".join(WEIGHT_FILES)
+    patterns = [sub] if single else [prefix + name for name in NEEDED_FILES]
+    folder, sha, cached = _download(api, uri.id, uri.revision, patterns, ref, wanted=wanted)
     target = folder / sub if sub else folder
-    offline = is_offline()
-    where = f"{uri.id} at {sha}"
     missing: list[str] = []
-    if sub.endswith(".safetensors"):
-        missing = [] if target.is_file() else [sub]
-    elif not any((target / name).is_file() for name in WEIGHT_FILES):
-        missing = [" or ".join(WEIGHT_FILES)]
+    if single or not any((target / name).is_file() for name in WEIGHT_FILES):  # file or no weights
+        missing = [] if target.is_file() else [wanted]
     elif (target / INDEX_NAME).is_file():
         shards = [s for s in _shards(target / INDEX_NAME) if not (target / s).is_file()]
-        if shards and not offline:
-            prefix = f"{sub}/" if sub else ""
+        if shards and not cached:
             _download(api, uri.id, sha, [prefix + s for s in shards], ref)
         missing = [s for s in shards if not (target / s).is_file()]
-    if missing and offline:
+    where = f"{uri.id} at {sha}"
+    if missing and cached:
         raise NotCachedError(
-            f"{ref}: offline and not fully cached: {', '.join(missing)} missing from the cached "
-            f"snapshot of {where} (run `adapt pull {uri.id}` with network access first)"
+            f"{ref}: not fully cached: {', '.join(missing)} missing from the cached snapshot of "
+            f"{where} (run `adapt pull {uri.id}` with network access first)"
         )
     if missing:
         raise HubFileNotFoundError(f"{ref}: no {', '.join(missing)} in {where}")
@@ -287,7 +284,7 @@ def pull(
     what = f"{repo_id}@{revision}" if revision else repo_id
     patterns = list(include) if include else list(NEEDED_FILES)
     dest = Path(local_dir) if local_dir is not None else None
-    path, sha = _download(api or HfApi(), repo_id, revision, patterns, what, dest)
+    path, sha, _ = _download(api or HfApi(), repo_id, revision, patterns, what, dest)
     return Pulled(path, repo_id, sha)
 
 

@@ -214,4 +214,8 @@ def open_source(path: str | os.PathLike[str] | Mapping[str, Any]) -> Source:
         from .compeft import CompressedSource
 
         return CompressedSource.from_file(source)
+    if source.metadata.get("adapt_format") == "sparse":  # a sparse fine-tune container
+        from .sparse import SparseSource
+
+        return SparseSource.from_file(source)
     return source

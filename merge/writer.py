@@ -14,14 +14,14 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from . import dtypes
+from . import card, dtypes
 from .errors import OutputError, ParameterError
 from .plan import Plan, PlannedTensor
 from .sources import INDEX_NAME, SINGLE_NAME
@@ -115,6 +115,8 @@ class SafetensorsSink:
         shard_size: largest shard in bytes when writing a folder.
         copy_from: a model folder whose config and tokenizer files are copied (folder output).
         overwrite: replace an existing output (atomically, after the new one is complete).
+        recipe_options: merge options recorded in a folder output's recipe and model card
+            (see :mod:`merge.card`).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class SafetensorsSink:
         copy_from: Path | None = None,
         out_dtype: str | None = None,
         overwrite: bool = False,
+        recipe_options: Mapping[str, Any] | None = None,
     ):
         self.out = Path(out)
         self.is_file = self.out.suffix == ".safetensors"
@@ -132,6 +135,7 @@ class SafetensorsSink:
         self.copy_from = copy_from
         self.out_dtype = out_dtype
         self.overwrite = overwrite
+        self.recipe_options = recipe_options
         self._tmp: Path | None = None
         self._shards: list[_Shard] = []
         self._where: dict[str, _Shard] = {}
@@ -214,6 +218,7 @@ class SafetensorsSink:
                 shard.handle.close()
             if not self.is_file:
                 self._write_folder_extras()
+                card.write(self._tmp, metadata, self.recipe_options)
             self._commit()
         except OSError as e:
             self.abort()

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 import merge
 
 SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+CARD_FILES = ("README.md", "adapt-recipe.json")  # every folder output: see test_card.py
 
 
 def sha256(path: Path) -> str:
@@ -108,7 +109,7 @@ def test_sharded_folder_output(three_files, tmp_path, run_cli):
     files = sorted(os.listdir(out))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert files == sorted([*shards, "model.safetensors.index.json"])
+    assert files == sorted([*shards, "model.safetensors.index.json", *CARD_FILES])
     n = len(shards)
     assert n >= 2
     for i, name in enumerate(shards, 1):
@@ -135,7 +136,7 @@ def test_folder_output_below_shard_size_is_single_model_safetensors(three_files,
     _, paths = three_files
     out = tmp_path / "folder"
     merge.soup(paths, out=out)
-    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert sorted(os.listdir(out)) == sorted(["model.safetensors", *CARD_FILES])
     assert_same(read_all(out), merge.soup(paths))
 
 
@@ -255,11 +256,9 @@ def test_config_files_copied_from_first_input(demo_models, tmp_path, run_cli):
 
     out1 = tmp_path / "o1"
     assert run_cli("merge", ft1, other, "-o", out1, "-q").code == 0
-    assert sorted(os.listdir(out1)) == [
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-    ]
+    assert sorted(os.listdir(out1)) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", *CARD_FILES]
+    )
     for name in ("config.json", "generation_config.json"):
         assert (out1 / name).read_bytes() == (ft1 / name).read_bytes()
 
