@@ -65,7 +65,7 @@ def uniform(key: np.uint64, index: int) -> float:
     return np.float64(z >> _S11) * _TWO_M53
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _dare_kernel(tau: np.ndarray, density: float, key: np.uint64, offset: int) -> None:
     n = tau.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):

@@ -70,7 +70,7 @@ def _kept(xbits: np.uint32, index: int, key: int, cut: int) -> bool:
     return a > key or (a == key and index < cut)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _hist_high(x: np.ndarray, hist: np.ndarray, nt: int) -> None:
     """Add the histogram of the high 16 magnitude bits of ``x`` into ``hist`` (int64[2**15]).
 
@@ -93,7 +93,7 @@ def _hist_high(x: np.ndarray, hist: np.ndarray, nt: int) -> None:
             hist[b] += local[t, b]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _hist_low(x: np.ndarray, high: int, hist: np.ndarray, nt: int) -> None:
     """Add the histogram of the low 16 bits of the magnitudes whose high 16 bits equal ``high``."""
     xb = x.view(np.uint32)
@@ -129,7 +129,7 @@ def _find_rank(hist: np.ndarray, k: int) -> tuple[int, int]:
     return -1, 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _tie_cut(x: np.ndarray, tbits: int, quota: int) -> tuple[int, int]:
     """Cut that keeps the first ``quota`` entries of magnitude bits ``tbits``; returns (cut, used).
 
@@ -173,7 +173,7 @@ def _tie_cut(x: np.ndarray, tbits: int, quota: int) -> tuple[int, int]:
     return n, used  # unreachable
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _apply(x: np.ndarray, key: int, cut: int, offset: int, out: np.ndarray) -> None:
     xb = x.view(np.uint32)
     n = x.size

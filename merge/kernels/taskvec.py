@@ -23,19 +23,29 @@ def task_vectors(xs, codes, out, check_finite):
     nchunks = (n + CHUNK - 1) // CHUNK
     bad = np.full(nchunks, k, np.int64)
     for c in prange(nchunks):
-        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            b = get(xs[0], j)
-            if check_finite and not np.isfinite(b):
-                bad[c] = 0
-            for i in range(1, k):
-                code = codes[i - 1]
-                if code == ABSENT:
-                    out[i - 1, j] = 0.0
-                    continue
-                v = get(xs[i], j)
-                if check_finite and not np.isfinite(v) and i < bad[c]:
-                    bad[c] = i
-                out[i - 1, j] = v if code == DELTA else np.float32(np.float64(v) - b)
+        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
+        if check_finite:
+            for j in range(lo, hi):
+                if not np.isfinite(get(xs[0], j)):
+                    bad[c] = 0
+        for i in range(1, k):  # row by row: contiguous, vectorisable inner loops
+            code = codes[i - 1]
+            row = out[i - 1]
+            if code == ABSENT:
+                row[lo:hi] = 0.0
+                continue
+            x = xs[i]
+            if code == DELTA:
+                for j in range(lo, hi):
+                    row[j] = get(x, j)
+            else:
+                for j in range(lo, hi):
+                    row[j] = np.float64(get(x, j)) - np.float64(get(xs[0], j))
+            if check_finite and i < bad[c]:
+                for j in range(lo, hi):
+                    if not np.isfinite(get(x, j)):
+                        bad[c] = i
+                        break
     first = bad.min() if nchunks else k
     return -1 if first == k else first
 

@@ -35,7 +35,7 @@ SIGN_FREQUENCY = 1
 _CHUNK = 4096  # entries per work unit; the per-chunk float64 buffers stay in cache
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _ties_kernel(
     taus: np.ndarray,
     weights: np.ndarray,

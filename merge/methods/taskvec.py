@@ -73,6 +73,7 @@ class TaskVectorMethod(Method):
     lines: Lines | None = None
     needs_base = True
     _schedule: LayerSchedule | None = field(default=None, init=False, repr=False)
+    _buffers: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def parameters(self) -> dict[str, Any]:
         p: dict[str, Any] = {
@@ -134,14 +135,15 @@ class TaskVectorMethod(Method):
         """Extra passes a method needs before merging (global top-k)."""
 
     def _lines_alpha(self, plan: Plan, stream: TensorStream) -> float:
-        saved = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_schedule"})
+        skip = ("_schedule", "_buffers")
+        saved = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in skip})
         sum_l1 = merged_l1 = 0.0
         for t, arrays in stream():
             taus, _ = self.taus(t, arrays)
             n = taus.shape[1]
-            total = np.empty(n, np.float32)
+            total = self.buffer("total", n)
             weighted_sum(tuple(taus), np.ones(len(taus)), total, False)
-            merged = np.empty(n, np.float32)
+            merged = self.buffer("merged", n)
             self.combine(t, taus, merged)
             sum_l1 += l1_norm(total)
             merged_l1 += l1_norm(merged)
@@ -157,8 +159,17 @@ class TaskVectorMethod(Method):
         self, t: PlannedTensor, arrays: list[np.ndarray], check_finite: bool = False
     ) -> tuple[np.ndarray, int]:
         """(N, n) float32 task vectors and the position of an array with NaN/Inf (or -1)."""
-        out = np.empty((len(arrays) - 1, t.out_info.numel), np.float32)
+        n, k = t.out_info.numel, len(arrays) - 1
+        out = self.buffer("taus", k * n).reshape(k, n)
         return out, int(task_vectors(tuple(arrays), input_codes(t), out, check_finite))
+
+    def buffer(self, key: str, size: int) -> np.ndarray:
+        """A float32 scratch array of ``size`` entries, reused across tensors: the pages of a
+        fresh allocation would be faulted in again for every tensor."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < size:
+            buf = self._buffers[key] = np.empty(size, np.float32)
+        return buf[:size]
 
     def scale(self, t: PlannedTensor) -> float:
         return self._schedule.scale(t.name) if self._schedule else self.scale_default
@@ -175,7 +186,7 @@ class TaskVectorMethod(Method):
         if bad >= 0:
             return bad
         arrays.clear()  # drop the raw inputs early: only base and the task vectors are needed
-        merged = np.empty(taus.shape[1], np.float32)
+        merged = self.buffer("merged", taus.shape[1])
         self.combine(tensor, taus, merged)
         del taus
         add_scaled(base, merged, self.scale(tensor), out)
@@ -324,7 +335,7 @@ class TaskVector(TaskArithmetic):
         taus, bad = self.taus(tensor, arrays, check_finite)
         if bad >= 0:
             return bad
-        merged = np.empty(taus.shape[1], np.float32)
+        merged = self.buffer("merged", taus.shape[1])
         self.combine(tensor, taus, merged)
         weighted_sum((merged,), np.array([self.scale(tensor)]), out, False)
         return -1
