@@ -10,6 +10,7 @@ from .api import open, plan, run, soup
 from .errors import (
     AdaptError,
     CorruptFileError,
+    HubError,
     InputError,
     MismatchError,
     NonFiniteError,
@@ -31,6 +32,7 @@ __all__ = [
     "DareLinear",
     "DareTies",
     "GreedySoupResult",
+    "HubError",
     "InputError",
     "Lines",
     "LoraMergeResult",
@@ -50,6 +52,7 @@ __all__ = [
     "Ties",
     "compeft",
     "greedy_soup",
+    "hub",
     "merge_to_lora",
     "open",
     "open_adapter",
@@ -58,3 +61,12 @@ __all__ = [
     "soup",
     "version",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``merge.hub`` is imported on first use: huggingface_hub is slow to import."""
+    if name == "hub":
+        import importlib
+
+        return importlib.import_module(".hub", __name__)
+    raise AttributeError(f"module 'merge' has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """The streaming executor: walk the plan, read each tensor from every source, merge, write.
 
 Memory is bounded by a few copies of the largest tensor: the current tensor's arrays, the
-next tensor's arrays (read ahead on a thread while the kernel runs), and the output buffer.
+next tensor's arrays (read ahead on a thread while the kernel runs, into a second reused
+buffer), and the output buffer.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import MismatchError, NonFiniteError
-from .kernels.convert import to_float32
-from .methods.base import Method
+from .methods.base import Method, Rows
 from .plan import ABSENT, Plan, PlannedTensor
 from .progress import Progress
 from .provenance import Provenance
@@ -24,15 +24,97 @@ from .writer import Sink
 _KERNEL_NATIVE = ("BF16", "F32", "F64")
 
 
-def kernel_arrays(tensor: PlannedTensor, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """Arrays of one kernel dtype: as stored when all share a bf16/f32/f64 dtype, else float32."""
-    codes = set(tensor.in_dtypes)
-    if len(codes) == 1 and codes <= set(_KERNEL_NATIVE):
+class _Buffers:
+    """Reused byte buffers: a tensor's rows land in pages already mapped by earlier tensors."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, np.ndarray] = {}
+
+    def take(self, slot: int, nbytes: int) -> np.ndarray:
+        buf = self._slots.get(slot)
+        if buf is None or buf.size < nbytes:
+            buf = self._slots[slot] = np.empty(nbytes, np.uint8)
+        return buf[:nbytes]
+
+
+def _kernel_dtype(tensor: PlannedTensor) -> np.dtype:
+    present = {c for c, x in zip(tensor.in_dtypes, tensor.contents, strict=True) if x != ABSENT}
+    if not tensor.merged or (len(present) == 1 and present <= set(_KERNEL_NATIVE)):
+        return dtypes.storage(tensor.in_dtypes[0])
+    return np.dtype(np.float32)
+
+
+def _into(row: np.ndarray, a: np.ndarray, code: str) -> None:
+    if a.dtype == row.dtype:
+        row[:] = a
+    elif code == "BF16":  # exact: bf16 bits are the top half of float32 bits
+        bits = row.view(np.uint32)
+        bits[:] = a
+        bits <<= 16
+    else:
+        np.copyto(row, a, casting="unsafe")  # float16/float64 -> float32
+
+
+def _read(
+    plan: Plan,
+    tensor: PlannedTensor,
+    buffers: _Buffers | None = None,
+    slot: int = 0,
+    files_only: bool = False,
+) -> Rows:
+    """Every source's array of the tensor as :class:`Rows` of one kernel dtype.
+
+    ``files_only`` reads only what plain file I/O can fill (the read-ahead thread must not run
+    numba kernels: the workqueue threading layer serves one calling thread at a time); the
+    rest is left to :func:`_complete`.
+    """
+    kind = _kernel_dtype(tensor)
+    k, n = len(plan.sources), tensor.out_info.numel
+    nbytes = k * n * kind.itemsize
+    raw = buffers.take(slot, nbytes) if buffers is not None else np.empty(nbytes, np.uint8)
+    rows = Rows()
+    rows.matrix = raw.view(kind).reshape(k, n)
+    rows.pending = []
+    triples = zip(plan.sources, tensor.in_dtypes, tensor.contents, strict=True)
+    for i, (row, (src, code, content)) in enumerate(zip(rows.matrix, triples, strict=True)):
+        read_into = getattr(src, "read_into", None)
+        if content == ABSENT:
+            rows.append(row[:0])
+        elif read_into is not None and dtypes.storage(code) == kind:
+            read_into(tensor.name, row)
+            rows.append(row)
+        else:
+            rows.append(row)
+            rows.pending.append(i)
+    return rows if files_only else _complete(plan, tensor, rows)
+
+
+def _complete(plan: Plan, tensor: PlannedTensor, rows: Rows) -> Rows:
+    """Fill the rows :func:`_read` left (computed sources, dtype conversions)."""
+    for i in rows.pending:
+        _into(rows[i], plan.sources[i].read(tensor.name), tensor.in_dtypes[i])
+    rows.pending = []
+    return rows
+
+
+def kernel_arrays(tensor: PlannedTensor, arrays: list[np.ndarray]) -> Rows:
+    """``arrays`` (sources order) as :class:`Rows` of one kernel dtype (a copy unless they
+    already are Rows)."""
+    if isinstance(arrays, Rows):
         return arrays
-    return [
-        a.astype(np.float32) if code == "F16" else to_float32(a)
-        for code, a in zip(tensor.in_dtypes, arrays, strict=True)
-    ]
+    kind = _kernel_dtype(tensor)
+    rows = Rows()
+    rows.matrix = np.empty((len(arrays), tensor.out_info.numel), kind)
+    rows.pending = []
+    for row, a, code, content in zip(
+        rows.matrix, arrays, tensor.in_dtypes, tensor.contents, strict=True
+    ):
+        if content == ABSENT:
+            rows.append(row[:0])
+        else:
+            _into(row, a, code)
+            rows.append(row)
+    return rows
 
 
 def _out_buffer(tensor: PlannedTensor) -> np.ndarray:
@@ -40,14 +122,6 @@ def _out_buffer(tensor: PlannedTensor) -> np.ndarray:
     if tensor.out_dtype == "F16":  # numba has no float16: compute in float32, round after
         return np.empty(n, np.float32)
     return np.empty(n, dtypes.storage(tensor.out_dtype))
-
-
-def _read(plan: Plan, tensor: PlannedTensor) -> list[np.ndarray]:
-    """Every source's array of the tensor; an empty array where a task vector leaves it out."""
-    return [
-        np.empty(0, dtypes.storage(code)) if content == ABSENT else src.read(tensor.name)
-        for src, code, content in zip(plan.sources, tensor.in_dtypes, tensor.contents, strict=True)
-    ]
 
 
 def _check_carried(plan: Plan, tensor: PlannedTensor, arrays: list[np.ndarray]) -> None:
@@ -61,11 +135,13 @@ def _check_carried(plan: Plan, tensor: PlannedTensor, arrays: list[np.ndarray]) 
             )
 
 
-def stream(plan: Plan) -> Iterator[tuple[PlannedTensor, list[np.ndarray]]]:
-    """Every merged tensor with its kernel arrays, one at a time (for extra passes)."""
+def stream(plan: Plan) -> Iterator[tuple[PlannedTensor, Rows]]:
+    """Every merged tensor with its rows, one at a time (for extra passes); each item's rows
+    are valid until the next item is taken."""
+    buffers = _Buffers()
     for t in plan.tensors:
         if t.merged:
-            yield t, kernel_arrays(t, _read(plan, t))
+            yield t, _read(plan, t, buffers)
 
 
 def execute(
@@ -91,13 +167,16 @@ def execute(
         sink.reserve(provenance.metadata(final=False))
         tensors = plan.tensors
         with Progress(plan.out_bytes, enabled=progress) as bar:
-            ahead: Future[list[np.ndarray]] | None = (
-                reader.submit(_read, plan, tensors[0]) if tensors else None
+            buffers = _Buffers()  # two slots: one read ahead while the other is merged
+            ahead: Future[Rows] | None = (
+                reader.submit(_read, plan, tensors[0], buffers, 0, True) if tensors else None
             )
             for i, t in enumerate(tensors):
                 assert ahead is not None
-                arrays = ahead.result()
-                ahead = reader.submit(_read, plan, tensors[i + 1]) if i + 1 < len(tensors) else None
+                arrays = _complete(plan, t, ahead.result())
+                if i + 1 < len(tensors):
+                    nxt = tensors[i + 1]
+                    ahead = reader.submit(_read, plan, nxt, buffers, (i + 1) % 2, True)
                 sink.write(t, _merge_one(plan, method, t, arrays, check_finite))
                 bar.advance(t.out_info.nbytes)
         return sink.finish(provenance.metadata(final=True))

@@ -147,7 +147,14 @@ class SafetensorsFile:
         """Read one tensor into a new flat numpy array of its storage dtype."""
         e = self._entries[name]
         out = np.empty(e.info.numel, dtypes.storage(e.info.dtype))
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read one tensor's bytes into ``out`` (flat, contiguous, of its storage dtype)."""
+        e = self._entries[name]
         buf = memoryview(out).cast("B")
+        assert len(buf) == e.end - e.begin
         with open(self.path, "rb", buffering=0) as f:
             f.seek(e.begin)
             got = 0
@@ -159,4 +166,3 @@ class SafetensorsFile:
                         "while in use?)"
                     )
                 got += n
-        return out

@@ -79,6 +79,9 @@ class FileSource(_Names):
     def read(self, name: str) -> np.ndarray:
         return self._file.read(name)
 
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        self._file.read_into(name, out)
+
 
 class ShardedSource(_Names):
     """A model folder with ``model.safetensors.index.json`` and its shards."""
@@ -131,6 +134,9 @@ class ShardedSource(_Names):
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        self._where[name].read_into(name, out)
 
 
 class StateDictSource(_Names):

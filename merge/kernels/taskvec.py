@@ -15,10 +15,10 @@ def task_vectors(xs, codes, out, check_finite):
     """``out[i-1]`` = tau_i as float32: ``xs[i] - xs[0]`` where ``codes[i-1] == WEIGHTS``,
     ``xs[i]`` where ``DELTA``, zero where ``ABSENT`` (``xs[i]`` is then not read).
 
-    ``xs`` = (base, input_1, ..., input_N) flat arrays of one storage dtype; ``out`` is
-    (N, n) float32. Returns the position in ``xs`` of the first array holding NaN/Inf, or -1.
+    ``xs`` = the (1 + N, n) matrix of rows base, input_1, ..., input_N, of one storage dtype;
+    ``out`` is (N, n) float32. Returns the row of the first input holding NaN/Inf, or -1.
     """
-    k = len(xs)
+    k = xs.shape[0]
     n = out.shape[1]
     nchunks = (n + CHUNK - 1) // CHUNK
     bad = np.full(nchunks, k, np.int64)

@@ -10,9 +10,19 @@ import numpy as np
 
 from ..plan import Plan, PlannedTensor
 
-# One tensor as the engine hands it over: arrays in ``plan.sources`` order (base first when
-# the plan has one), all of one kernel dtype (bf16 bits as uint16, float32 or float64).
-TensorStream = Callable[[], Iterator[tuple[PlannedTensor, list[np.ndarray]]]]
+
+class Rows(list):
+    """One tensor's arrays in ``plan.sources`` order, all rows of ``matrix`` (n_sources, n), of
+    one kernel dtype: bf16 bits, float32 or float64 as stored when the present sources agree,
+    else float32. A source that leaves the tensor out has an empty array here (its matrix row
+    is not filled). Rows live in reused buffers: valid until the engine reads the next tensor.
+    """
+
+    matrix: np.ndarray
+    pending: list[int]  # rows still to be filled (engine internal)
+
+
+TensorStream = Callable[[], Iterator[tuple[PlannedTensor, Rows]]]
 
 
 class Method(ABC):
@@ -35,9 +45,10 @@ class Method(ABC):
 
     @abstractmethod
     def merge(
-        self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
+        self, tensor: PlannedTensor, arrays: Rows, out: np.ndarray, check_finite: bool
     ) -> int:
-        """Fill ``out`` (flat, kernel dtype) for one tensor.
+        """Fill ``out`` (flat, kernel dtype) for one tensor from ``arrays`` (sources order, base
+        first); the method may empty the list to free memory early.
 
         Returns the position in ``arrays`` of the first array holding NaN/Inf when
         ``check_finite`` is on, else -1.

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ParameterError
-from ..kernels.soup import weighted_sum
+from ..kernels.soup import weighted_rows
 from ..plan import PlannedTensor
 from .base import Method
 
@@ -52,4 +52,5 @@ class Soup(Method):
         self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
     ) -> int:
         w = normalized_weights(self.weights, len(arrays))
-        return int(weighted_sum(tuple(arrays), w, out, check_finite))
+        rows = np.arange(len(arrays), dtype=np.int64)
+        return int(weighted_rows(arrays.matrix, rows, w, out, check_finite))

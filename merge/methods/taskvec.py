@@ -19,12 +19,12 @@ from .. import plan as planning
 from ..errors import ParameterError
 from ..kernels.dare import dare_inplace, dare_key
 from ..kernels.select import GlobalTopK, count_for_density, topk_threshold
-from ..kernels.soup import weighted_sum
+from ..kernels.soup import weighted_rows, weighted_sum
 from ..kernels.taskvec import ABSENT, DELTA, WEIGHTS, add_scaled, l1_norm, task_vectors
 from ..kernels.ties import SIGN_FREQUENCY, SIGN_TOTAL, keep_all, ties_merge
 from ..lines import LayerSchedule, lines_alpha
 from ..plan import Plan, PlannedTensor
-from .base import Method, TensorStream
+from .base import Method, Rows, TensorStream
 
 SIGNS = {"total": SIGN_TOTAL, "frequency": SIGN_FREQUENCY}
 SCOPES = ("global", "tensor")
@@ -156,12 +156,12 @@ class TaskVectorMethod(Method):
     # -- per tensor -----------------------------------------------------------------------
 
     def taus(
-        self, t: PlannedTensor, arrays: list[np.ndarray], check_finite: bool = False
+        self, t: PlannedTensor, arrays: Rows, check_finite: bool = False
     ) -> tuple[np.ndarray, int]:
         """(N, n) float32 task vectors and the position of an array with NaN/Inf (or -1)."""
         n, k = t.out_info.numel, len(arrays) - 1
         out = self.buffer("taus", k * n).reshape(k, n)
-        return out, int(task_vectors(tuple(arrays), input_codes(t), out, check_finite))
+        return out, int(task_vectors(arrays.matrix, input_codes(t), out, check_finite))
 
     def buffer(self, key: str, size: int) -> np.ndarray:
         """A float32 scratch array of ``size`` entries, reused across tensors: the pages of a
@@ -210,10 +210,9 @@ class TaskArithmetic(TaskVectorMethod):
         # (1 - s sum_{i holds weights} w_i) theta_0 + sum_i s w_i x_i (absent inputs dropped)
         codes = input_codes(tensor)
         w = self.w(len(codes)) * self.scale(tensor)
-        present = [0] + [i + 1 for i, c in enumerate(codes) if c != ABSENT]
+        present = np.array([0] + [i + 1 for i, c in enumerate(codes) if c != ABSENT], np.int64)
         coef = np.concatenate([[1.0 - w[codes == WEIGHTS].sum()], w[codes != ABSENT]])
-        bad = int(weighted_sum(tuple(arrays[i] for i in present), coef, out, check_finite))
-        return -1 if bad < 0 else present[bad]
+        return int(weighted_rows(arrays.matrix, present, coef, out, check_finite))
 
 
 @dataclass
