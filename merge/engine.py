@@ -162,6 +162,8 @@ def execute(
     """
     sink.begin(plan)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt-write")
+    written: Future[None] | None = None  # at most one tensor being written behind the kernels
     try:
         method.prepare(plan, lambda: stream(plan))
         sink.reserve(provenance.metadata(final=False))
@@ -177,15 +179,22 @@ def execute(
                 if i + 1 < len(tensors):
                     nxt = tensors[i + 1]
                     ahead = reader.submit(_read, plan, nxt, buffers, (i + 1) % 2, True)
-                sink.write(t, _merge_one(plan, method, t, arrays, check_finite))
+                data = _merge_one(plan, method, t, arrays, check_finite)
+                if written is not None:
+                    written.result()
+                written = writer.submit(sink.write, t, data)
                 bar.advance(t.out_info.nbytes)
+            if written is not None:
+                written.result()
         return sink.finish(provenance.metadata(final=True))
     except BaseException:
         provenance.cancel()
+        writer.shutdown(wait=True)  # let a write in flight end before its file is removed
         sink.abort()
         raise
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
 
 
 def _merge_one(
@@ -193,7 +202,7 @@ def _merge_one(
 ) -> np.ndarray:
     if not t.merged:
         _check_carried(plan, t, arrays)
-        return arrays[0]
+        return arrays[0].copy()  # the row's buffer is refilled while the copy is written
     out = _out_buffer(t)
     bad = method.merge(t, kernel_arrays(t, arrays), out, check_finite)
     if bad >= 0:
