@@ -1,10 +1,12 @@
 """ComPEFT compression: exact top-k of an update, kept entries -> sign * alpha * sigma, coded.
 
-The update ``tau`` is read tensor by tensor (names sorted) and never held whole:
+The update ``tau`` is computed tensor by tensor (names sorted) and never held whole:
 
-- global scope: pass 1 adds every tensor to the moments (for sigma) and to the high-bits
-  histogram of :class:`~merge.kernels.select.GlobalTopK`; pass 2 (only when the threshold's
-  bin is not kept whole) adds the low bits; pass 3 selects and codes each tensor;
+- global scope: a ~2M-entry sample predicts the threshold; pass 1 (``FirstPass``) gathers the
+  moments (sigma), the high-bits histogram of :class:`~merge.kernels.select.GlobalTopK` and
+  the low-bits histograms of a window of bins around the prediction; an extra low-bits pass
+  runs only when the threshold's bin is outside the window; the last pass selects and codes
+  each tensor;
 - tensor scope: one pass; each tensor keeps ``round(density * numel)`` entries.
 """
 
@@ -13,24 +15,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import numpy as np
 
+from .. import dtypes
 from ..api import Input, _as_source
-from ..engine import _check_carried, kernel_arrays
-from ..errors import InputError, NonFiniteError, ParameterError, SourceNotFoundError
+from ..engine import _check_carried
+from ..errors import (
+    InputError,
+    NonFiniteError,
+    OutputError,
+    ParameterError,
+    SourceNotFoundError,
+)
+from ..kernels.compeft import FirstPass, Moments, residual
 from ..kernels.convert import to_float32
-from ..kernels.moments import Moments, chunk_moments, residual
-from ..kernels.positions import encode_selection
+from ..kernels.positions import encode_difference, encode_selection
 from ..kernels.select import GlobalTopK, count_for_density, topk_threshold
 from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..plan import Plan, build_plan
+from ..plan import Plan, PlannedTensor, build_plan
 from ..provenance import Provenance
-from ..sources import FileSource, Source
+from ..safetensors_file import SafetensorsFile
+from ..sources import FileSource, ShardedSource, Source
 from .container import (
     CompressedExpert,
     CompressedSource,
@@ -49,6 +60,10 @@ CITATION = (
     "Sparsification and Quantization, arXiv:2311.13171"
 )
 SCOPES = ("global", "tensor")
+SAMPLE = 1 << 21  # entries sampled to predict the global threshold
+BLOCK = 1 << 12  # sampled in contiguous blocks of this many entries
+MARGIN = 0.1  # relative error of the predicted rank that the window covers
+WINDOW_BYTES = 64 << 20  # at most this much memory for the window's per-thread counts
 _PEFT_TYPES = {"LORA": ("lora", 0.0), "IA3": ("ia3", 1.0)}
 
 
@@ -84,6 +99,57 @@ def check_parameters(density: float, alpha: float, scope: str) -> None:
         raise ParameterError(f"--scope must be global or tensor, got {scope!r}")
 
 
+class _Reader:
+    """Reads a source's tensors into one reused buffer (no fresh pages to fault in for every
+    tensor of every pass), and samples blocks of a tensor with positioned reads."""
+
+    def __init__(self, src: Source):
+        self.src = src
+        self._bufs = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._where: dict[str, tuple[Path, int]] = {}  # safetensors-backed: file, data start
+        if isinstance(src, (FileSource, ShardedSource)):
+            for path in src.files:
+                f = SafetensorsFile(path)
+                for name in f.names:
+                    if name in src.names_set and f.info(name) == src.info(name):
+                        self._where[name] = (path, f.span(name)[0])
+
+    def read(self, name: str, code: str, slot: int) -> np.ndarray:
+        """The tensor as a flat array of its storage dtype, in buffer ``slot`` (0 or 1): valid
+        until that slot is read into again."""
+        read_into = getattr(self.src, "read_into", None)
+        if read_into is None:
+            return self.src.read(name)
+        storage = dtypes.storage(code)
+        nbytes = self.src.info(name).numel * storage.itemsize
+        if self._bufs[slot].size < nbytes:
+            self._bufs[slot] = np.empty(nbytes, np.uint8)
+        out = self._bufs[slot][:nbytes].view(storage)
+        read_into(name, out)
+        return out
+
+    def blocks(self, name: str, code: str, starts: range, block: int) -> np.ndarray:
+        """Entries ``[s, s + block)`` for every ``s`` in ``starts``, concatenated."""
+        where = self._where.get(name)
+        if where is None:
+            return _blocks(self.src.read(name), starts, block)
+        path, begin = where
+        storage = dtypes.storage(code)
+        n = self.src.info(name).numel
+        parts = [np.empty(min(n, s + block) - s, storage) for s in starts]
+        with open(path, "rb", buffering=0) as f:
+            for s, part in zip(starts, parts, strict=True):
+                offset = begin + s * storage.itemsize
+                got = os.preadv(f.fileno(), [memoryview(part).cast("B")], offset)
+                if got != part.nbytes:  # truncated since opened: the source reports it
+                    return _blocks(self.src.read(name), starts, block)
+        return np.concatenate(parts)
+
+
+def _blocks(x: np.ndarray, starts: range, block: int) -> np.ndarray:
+    return np.concatenate([x[s : s + block] for s in starts])
+
+
 class _Update:
     """The update, tensor by tensor: ``finetuned - base``, a task vector, or an adapter's
     parameters minus their baseline (0 for LoRA, 1 for (IA)3), as flat float32."""
@@ -105,6 +171,7 @@ class _Update:
         self.parameters = sum(t.out_info.numel for t in self.tensors)
         largest = max((t.out_info.numel for t in self.tensors), default=0)
         self._scratch = np.empty(largest if kind == "full" else 0, np.float32)
+        self._readers = [_Reader(src) for src in plan.sources]
 
     @property
     def label(self) -> str:
@@ -118,32 +185,80 @@ class _Update:
             if not t.merged:
                 _check_carried(self.plan, t, [src.read(t.name) for src in self.plan.sources])
 
-    def tau(self, t: Any, moments: Moments | None = None) -> np.ndarray:
-        """The update of one tensor (a view of a scratch buffer or of the input); with
-        ``moments``, its moments are added (NaN/Inf raise NonFiniteError)."""
-        if self.kind == "full":
-            base, ft = kernel_arrays(t, [src.read(t.name) for src in self.plan.sources])
-            tau = self._scratch[: t.out_info.numel]
-            stats = residual(base, ft, tau, moments is not None)
-        else:
-            tau = _float32(self.plan.inputs[0].read(t.name), t.in_dtypes[0])
-            if self.baseline:
-                tau = tau - np.float32(self.baseline)
-            stats = chunk_moments(tau) if moments is not None else (0, 0.0, 0.0, True)
+    def stream(self) -> Iterator[tuple[PlannedTensor, list[np.ndarray]]]:
+        """Every tensor with its inputs' arrays (storage dtypes), valid until the next step;
+        the next tensor is read on a thread meanwhile (file reads only: numba's workqueue
+        layer serves one calling thread, so kernels stay on this one)."""
+        tensors = self.tensors
+        with ThreadPoolExecutor(1, thread_name_prefix="adapt-read") as pool:
+            ahead = pool.submit(self._read, tensors[0], 0) if tensors else None
+            for i, t in enumerate(tensors):
+                assert ahead is not None
+                arrays = ahead.result()
+                if i + 1 < len(tensors):
+                    ahead = pool.submit(self._read, tensors[i + 1], (i + 1) % 2)
+                yield t, arrays
+
+    def first_pass(
+        self, t: PlannedTensor, arrays: list[np.ndarray], first: FirstPass, moments: Moments
+    ) -> None:
+        """Add one tensor's update to pass 1 and to the moments (NaN/Inf raise
+        NonFiniteError); the update itself is never written."""
+        x = _kernel_arrays(arrays, t.in_dtypes)
+        stats = (
+            first.add(x[1], x[0]) if self.kind == "full" else first.add(x[0], None, self.baseline)
+        )
         if not stats[3]:
             self.nonfinite(t)
-        if moments is not None:
-            moments.add(*stats[:3])
-        return tau
+        moments.add(*stats[:3])
 
-    def nonfinite(self, t: Any) -> None:
+    def tau(self, t: PlannedTensor, arrays: list[np.ndarray]) -> np.ndarray:
+        """The update of one tensor, flat float32 (a view of a scratch buffer or its own)."""
+        return self._compute(t, arrays, self._scratch[: t.out_info.numel])
+
+    def sample(self, t: PlannedTensor, block: int, stride: int, first: int) -> np.ndarray:
+        """The update at entries ``[s, s + block)`` of one tensor, for ``s = first, first +
+        stride, ...`` (float32, flat; not checked for NaN/Inf)."""
+        starts = range(first, t.out_info.numel, stride)
+        if not starts:
+            return np.zeros(0, np.float32)
+        parts = [
+            r.blocks(t.name, code, starts, block)
+            for r, code in zip(self._readers, t.in_dtypes, strict=True)
+        ]
+        return self._compute(t, parts, np.empty(parts[0].size, np.float32))
+
+    def _read(self, t: PlannedTensor, slot: int) -> list[np.ndarray]:
+        return [
+            r.read(t.name, code, slot) for r, code in zip(self._readers, t.in_dtypes, strict=True)
+        ]
+
+    def _compute(self, t: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+        """The update from the inputs' arrays (into ``out`` for a fine-tune)."""
+        if self.kind == "full":
+            base, ft = _kernel_arrays(arrays, t.in_dtypes)
+            residual(base, ft, out)
+            return out
+        tau = _float32(arrays[0], t.in_dtypes[0])
+        if self.baseline:
+            return tau - np.float32(self.baseline)
+        return tau.copy() if tau.base is not None else tau  # own it past the next read
+
+    def nonfinite(self, t: PlannedTensor) -> None:
         """Raise NonFiniteError naming the input that holds NaN/Inf in tensor ``t``."""
         for src, code in zip(self.plan.sources, t.in_dtypes, strict=True):
-            if not chunk_moments(_float32(src.read(t.name), code))[3]:
+            if not np.isfinite(_float32(src.read(t.name), code)).all():
                 raise NonFiniteError(
                     f"{src.label}: tensor {t.name!r} holds NaN or Inf; cannot compress it"
                 )
         raise NonFiniteError(f"{self.label}: tensor {t.name!r}: the update overflows float32")
+
+
+def _kernel_arrays(arrays: list[np.ndarray], codes: tuple[str, ...]) -> list[np.ndarray]:
+    """The arrays as stored when they share a bf16/f32/f64 dtype, else all as float32."""
+    if len(set(codes)) == 1 and codes[0] in ("BF16", "F32", "F64"):
+        return arrays
+    return [_float32(a, code) for a, code in zip(arrays, codes, strict=True)]
 
 
 def _float32(x: np.ndarray, code: str) -> np.ndarray:
@@ -161,7 +276,9 @@ class _Sink:
     def begin(self) -> None:
         """Check the output before any work."""
 
-    def add(self, t: Any, positions: np.ndarray, signs: np.ndarray, count: int, m: int) -> None:
+    def add(
+        self, t: PlannedTensor, positions: np.ndarray, signs: np.ndarray, count: int, m: int
+    ) -> None:
         code = TensorCode(t.name, t.in_dtypes[-1], t.shape, count, m, checksum(positions, signs))
         self.codes.append(code)
         self.sizes[t.name] = (positions.size, signs.size)
@@ -206,7 +323,10 @@ class _FileSink(_Sink):
 
     def begin(self) -> None:
         check_target(self.out, self.inputs, self.overwrite)
-        self._spool = open(temp_path(self.out, ".payload"), "w+b")  # noqa: SIM115 - see abort
+        try:
+            self._spool = open(temp_path(self.out, ".payload"), "w+b")  # noqa: SIM115 - abort
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot write: {e.strerror or e}") from None
 
     def store(self, positions: np.ndarray, signs: np.ndarray) -> None:
         assert self._spool is not None
@@ -295,29 +415,79 @@ def _open(update: Input, base: Input | None, kind: str | None) -> _Update:
     return _Update(kind, build_plan([src]), (role,), baseline)
 
 
+class _TopK(GlobalTopK):
+    """:class:`GlobalTopK` whose passes 1 and 2 may be served by :class:`FirstPass`."""
+
+    def adopt_high(self, first: FirstPass) -> None:
+        """Take pass 1's high-bits histogram and tensor sizes as this selection's pass 1."""
+        self._expect("high", "adopt_high")
+        self.hist_high += first.high()
+        self.sizes += first.sizes
+        self.n_total += sum(first.sizes)
+
+    def adopt_low(self, hist_low: np.ndarray) -> None:
+        """Take ``hist_low`` (the low-bits histogram of bin ``high``) as pass 2's result."""
+        self._expect("low", "adopt_low")
+        self.hist_low += hist_low
+        self.position = len(self.sizes)
+
+
+def _predict(u: _Update, density: float) -> FirstPass:
+    """Pass 1 with a window around the threshold predicted from a sample of the update: the
+    high-bit bins of the sample's magnitudes at ranks ``k (1 ± MARGIN)`` (scaled to the
+    sample), widened by one bin each side, at most ``WINDOW_BYTES`` of per-thread counts.
+
+    The sample: blocks of ``BLOCK`` entries every ``stride`` entries of the whole update in
+    stream order (so every tensor is sampled in proportion to its size), about ``SAMPLE``."""
+    stride = BLOCK * max(1, u.parameters // SAMPLE)
+    parts, offset = [], 0
+    for t in u.tensors:
+        parts.append(u.sample(t, BLOCK, stride, -offset % stride))
+        offset += t.out_info.numel
+    mags = np.abs(np.concatenate(parts))
+    rank = density * mags.size
+    ranks = [round(rank * (1 + MARGIN)), round(rank), round(rank * (1 - MARGIN))]
+    order = np.sort(np.clip(mags.size - np.array(ranks), 0, mags.size - 1))
+    lo, mid, hi = (int(v) >> 16 for v in np.partition(mags, order)[order].view(np.uint32))
+    return FirstPass.around(lo - 1, mid, hi + 1, WINDOW_BYTES)
+
+
 def _code(u: _Update, sink: _Sink, density: float, scope: str) -> tuple[Moments, int]:
     """Select and code every tensor into ``sink``; returns the moments and the kept count."""
     moments = Moments()
     if scope == "tensor":
-        kept = 0
-        for t in u.tensors:
-            tau = u.tau(t, moments)
+        first, kept = FirstPass(), 0
+        for t, arrays in u.stream():
+            u.first_pass(t, arrays, first, moments)
+            tau = u.tau(t, arrays)
             k = count_for_density(density, tau.size)
             kept += k
             sink.add(t, *encode_selection(tau, *topk_threshold(tau, k)))
         return moments, kept
-    g = GlobalTopK(density=density)
-    for t in u.tensors:
-        g.add_high(u.tau(t, moments))
+    first = _predict(u, density)
+    for t, arrays in u.stream():
+        u.first_pass(t, arrays, first, moments)
+    g = _TopK(density=density)
+    g.adopt_high(first)
     g.finish_high()
     if g.needs_low_pass:
-        for t in u.tensors:
-            g.add_low(u.tau(t))
+        counts = first.low(g.high)
+        if counts is not None:
+            g.adopt_low(counts)
+        else:
+            for t, arrays in u.stream():
+                g.add_low(u.tau(t, arrays))
     g.finish_low()
-    for t in u.tensors:
-        tau = u.tau(t)
-        sink.add(t, *encode_selection(tau, *g.selection(tau)))
-    g.finish_selection()
+    # g.tie_quota entries tied at the threshold are kept, earliest first; ties at 0 are zeros,
+    # never coded, so the quota does not matter then
+    quota = None if g.thr == 0 else g.tie_quota
+    for t, arrays in u.stream():  # tau written first: a vectorised sweep beats two on the fly
+        tau = u.tau(t, arrays)
+        payload, signs, count, m, used = encode_difference(tau, None, 0.0, g.thr, quota)
+        sink.add(t, payload, signs, count, m)
+        quota = None if quota is None else quota - used
+    if quota not in (None, 0):
+        raise AssertionError(f"{quota} tied entries were not found in the last pass")
     assert g.total_k is not None
     return moments, g.total_k
 

@@ -18,8 +18,8 @@ from .. import dtypes
 from ..api import Input, _as_source
 from ..engine import execute
 from ..errors import InputError, ParameterError
+from ..kernels.compeft import copy_finite
 from ..kernels.convert import from_float32
-from ..kernels.soup import weighted_sum
 from ..lora import _AdapterSink
 from ..methods.base import Method
 from ..plan import Plan, PlannedTensor, build_plan
@@ -36,7 +36,6 @@ from .compress import CITATION
 from .container import CompressedSource
 
 ADAPTERS = {"lora": "LoRA", "ia3": "(IA)3"}
-_ONE = np.ones(1)
 
 
 def open_compressed(expert: str | os.PathLike[str] | CompressedSource) -> CompressedSource:
@@ -93,10 +92,13 @@ class _Apply(Method):
     def merge(
         self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
     ) -> int:
-        bad = int(weighted_sum((arrays[0],), _ONE, out, check_finite))
-        if bad < 0 and tensor.name in self.expert.names_set:
+        if not check_finite:
+            np.copyto(out, arrays[0])
+        elif not copy_finite(arrays[0], out):
+            return 0
+        if tensor.name in self.expert.names_set:
             self.expert.add_into(tensor.name, out)
-        return bad
+        return -1
 
 
 def decompress(

@@ -1,10 +1,19 @@
-"""Count, mean and sum of squared deviations of a stream of tensors (for a standard deviation),
-and the residual ``finetuned - base`` fused with them.
+"""Kernels of ComPEFT's passes over an update ``tau`` (``finetuned - base``, or a task vector /
+adapter minus its baseline), computed element by element from the inputs' storage arrays.
 
-Each tensor is cut into fixed chunks. A chunk's moments are taken in float64 in one sweep of
-values shifted by the chunk's first value (four interleaved accumulators, a fixed order), and
-chunks are merged in order with Chan et al.'s pairwise update, so the result depends on neither
-the thread count nor the size of the mean (no sum-of-squares cancellation).
+Pass 1 (:class:`FirstPass`) sweeps the inputs once and gathers, without writing ``tau``:
+
+- the moments (count, mean, sum of squared deviations) for sigma: per chunk of ``_CHUNK``
+  entries in float64, values shifted by the chunk's first value (no sum-of-squares
+  cancellation); chunks and tensors are merged in order with Chan et al.'s pairwise update;
+- the histogram of the high 16 bits of ``|tau|`` (pass 1 of
+  :class:`~merge.kernels.select.GlobalTopK`);
+- the histograms of the low 16 bits inside a window of high-bit bins around a predicted
+  threshold: when the threshold's bin falls in it, pass 2 of ``GlobalTopK`` is not needed.
+
+Histograms are integer counts kept per thread and summed once, moments are merged in a fixed
+order: no result depends on the thread count. :func:`residual` writes ``tau`` for pass 2;
+:func:`copy_finite` copies a base before an update is added to it.
 """
 
 from __future__ import annotations
@@ -12,14 +21,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .convert import get
+from .positions import value_at
 
-__all__ = ["Moments", "chunk_moments", "residual"]
+__all__ = ["FirstPass", "Moments", "copy_finite", "residual"]
 
 _CHUNK = 1 << 14
+_ABS = np.uint32(0x7FFFFFFF)
+_HI_BINS = 1 << 15  # the sign bit is clear
+_LO_BINS = 1 << 16
+_PARALLEL_MIN = 1 << 17  # below this, loops run serially (same results, no thread wake-ups)
 
 
 @njit(cache=True)
@@ -32,17 +47,39 @@ def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @njit(inline="always")
-def _chunk(x, lo, hi):
-    """(mean, m2) of ``x[lo:hi]``: float64, one sweep, values shifted by ``x[lo]``, four
-    interleaved accumulators summed in a fixed order."""
-    c = np.float64(x[lo])
+def _count(x, t, lane, lo_bin, high, window):
+    """Count ``|x|`` into thread ``t``'s histograms (lane ``lane`` of the high one)."""
+    a = x.view(np.uint32) & _ABS
+    h = a >> np.uint32(16)
+    high[t, lane, h] += 1
+    w = np.int64(h) - lo_bin
+    if np.uint64(w) < np.uint64(window.shape[1]):  # 0 <= w < width in one test
+        window[t, w, a & np.uint32(0xFFFF)] += 1
+
+
+@njit(inline="always")
+def _sweep(ft, base, baseline, lo_bin, high, window, means, m2s, c, t):
+    """Chunk ``c`` of pass 1, counted into thread ``t``'s histograms. Four lanes (entries
+    ``j % 4``) of accumulators and of high-bit counts break the dependency chains (runs of
+    equal values are common); lanes are summed in a fixed order."""
+    n = ft.size
+    lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+    shift = np.float64(value_at(ft, base, baseline, lo))
     s0 = s1 = s2 = s3 = q0 = q1 = q2 = q3 = 0.0
     j = lo
     while j + 4 <= hi:
-        d0 = np.float64(x[j]) - c
-        d1 = np.float64(x[j + 1]) - c
-        d2 = np.float64(x[j + 2]) - c
-        d3 = np.float64(x[j + 3]) - c
+        x0 = value_at(ft, base, baseline, j)
+        x1 = value_at(ft, base, baseline, j + 1)
+        x2 = value_at(ft, base, baseline, j + 2)
+        x3 = value_at(ft, base, baseline, j + 3)
+        _count(x0, t, 0, lo_bin, high, window)
+        _count(x1, t, 1, lo_bin, high, window)
+        _count(x2, t, 2, lo_bin, high, window)
+        _count(x3, t, 3, lo_bin, high, window)
+        d0 = np.float64(x0) - shift
+        d1 = np.float64(x1) - shift
+        d2 = np.float64(x2) - shift
+        d3 = np.float64(x3) - shift
         s0 += d0
         s1 += d1
         s2 += d2
@@ -53,58 +90,101 @@ def _chunk(x, lo, hi):
         q3 += d3 * d3
         j += 4
     while j < hi:
-        d0 = np.float64(x[j]) - c
+        x0 = value_at(ft, base, baseline, j)
+        _count(x0, t, 0, lo_bin, high, window)
+        d0 = np.float64(x0) - shift
         s0 += d0
         q0 += d0 * d0
         j += 1
-    n = hi - lo
-    s = (s0 + s1) + (s2 + s3)
-    m2 = (q0 + q1) + (q2 + q3) - s * s / n
-    if m2 < 0.0:  # rounding; NaN stays NaN
-        m2 = 0.0
-    return c + s / n, m2
+    st = (s0 + s1) + (s2 + s3)
+    m2 = (q0 + q1) + (q2 + q3) - st * st / (hi - lo)
+    means[c] = shift + st / (hi - lo)
+    m2s[c] = m2 if m2 >= 0.0 or m2 != m2 else 0.0  # rounding below 0; NaN stays NaN
 
 
-@njit(inline="always")
-def _combine(n, means, m2s):
+@njit(cache=True, parallel=True, nogil=True)
+def _first_pass(ft, base, baseline, lo_bin, high, window):
+    n = ft.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    means = np.zeros(nch)
+    m2s = np.zeros(nch)
+    if n < _PARALLEL_MIN:
+        for c in range(nch):
+            _sweep(ft, base, baseline, lo_bin, high, window, means, m2s, c, 0)
+    else:
+        for c in prange(nch):
+            t = numba.get_thread_id()
+            _sweep(ft, base, baseline, lo_bin, high, window, means, m2s, c, t)
     count, mean, m2 = 0, 0.0, 0.0
-    for c in range(means.size):
+    for c in range(nch):
         size = min(n, (c + 1) * _CHUNK) - c * _CHUNK
         count, mean, m2 = _merge(count, mean, m2, size, means[c], m2s[c])
     return count, mean, m2, np.isfinite(m2)
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def chunk_moments(x):
-    """``(count, mean, m2, finite)`` of the flat float array ``x`` (m2 = sum of squared
-    deviations from the mean); ``finite`` is False when ``x`` holds NaN or Inf."""
-    n = x.size
-    nch = (n + _CHUNK - 1) // _CHUNK
-    means = np.zeros(nch)
-    m2s = np.zeros(nch)
-    for c in prange(nch):
-        means[c], m2s[c] = _chunk(x, c * _CHUNK, min(n, (c + 1) * _CHUNK))
-    return _combine(n, means, m2s)
+class FirstPass:
+    """Pass 1 over the tensors of an update, in stream order.
+
+    Args:
+        lo: first high-bit bin of the window (``width`` bins) whose low-bits histograms are
+            gathered; ``width=0`` gathers none.
+
+    Memory: ``threads * (1 MiB + width * 512 KiB)`` of per-thread counts.
+    """
+
+    def __init__(self, lo: int = 0, width: int = 0):
+        self.lo = lo
+        self.width = width
+        nt = numba.get_num_threads()
+        self._high = np.zeros((nt, 4, _HI_BINS), np.int64)
+        self._window = np.zeros((nt, width, _LO_BINS), np.int64)
+        self.sizes: list[int] = []
+
+    @classmethod
+    def around(cls, lo: int, mid: int, hi: int, budget: int) -> FirstPass:
+        """A window over bins ``lo..hi``, or as many as ``budget`` bytes of counts allow,
+        centred on ``mid`` (at least 4 bins)."""
+        width = min(hi - lo + 1, max(4, budget // (numba.get_num_threads() * _LO_BINS * 8)))
+        return cls(max(lo, min(mid - width // 2, hi + 1 - width)), width)
+
+    def add(
+        self, ft: np.ndarray, base: np.ndarray | None = None, baseline: float = 0.0
+    ) -> tuple[int, float, float, bool]:
+        """Add one tensor: ``tau = ft - base`` (flat arrays of one storage dtype) or, without
+        ``base``, ``tau = ft - baseline``. Returns ``(count, mean, m2, finite)`` of ``tau``.
+
+        Raises:
+            RuntimeError: numba's thread count grew since construction.
+        """
+        if numba.get_num_threads() > self._high.shape[0]:
+            raise RuntimeError("numba's thread count grew during pass 1")
+        base = ft[:0] if base is None else base
+        self.sizes.append(ft.size)
+        return _first_pass(ft, base, float(baseline), np.int64(self.lo), self._high, self._window)
+
+    def high(self) -> np.ndarray:
+        """The histogram of the high 16 bits of ``|tau|`` (int64, ``2**15`` bins)."""
+        return self._high.sum(axis=(0, 1))
+
+    def low(self, high: int) -> np.ndarray | None:
+        """The low-bits histogram of bin ``high``, or None when it is outside the window."""
+        if not self.lo <= high < self.lo + self.width:
+            return None
+        return self._window[:, high - self.lo].sum(axis=0)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def residual(base, ft, out, moments):
+def residual(base, ft, out):
     """``out = ft - base`` (float64 difference rounded to float32, as ``task_vectors``) for
-    flat arrays of one storage dtype; with ``moments``, also ``chunk_moments(out)`` from the
-    same sweep (else zeros and ``finite`` True)."""
+    flat arrays of one storage dtype."""
     n = out.size
-    nch = (n + _CHUNK - 1) // _CHUNK
-    means = np.zeros(nch if moments else 0)
-    m2s = np.zeros(nch if moments else 0)
-    for c in prange(nch):
-        lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
-        for j in range(lo, hi):
-            out[j] = np.float32(np.float64(get(ft, j)) - np.float64(get(base, j)))
-        if moments:
-            means[c], m2s[c] = _chunk(out, lo, hi)
-    if not moments:
-        return 0, 0.0, 0.0, True
-    return _combine(n, means, m2s)
+    if n < _PARALLEL_MIN:
+        for j in range(n):
+            out[j] = value_at(ft, base, 0.0, j)
+        return
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            out[j] = value_at(ft, base, 0.0, j)
 
 
 @dataclass
@@ -116,10 +196,26 @@ class Moments:
     m2: float = 0.0
 
     def add(self, count: int, mean: float, m2: float) -> None:
-        """Merge the moments of the next tensor (as ``chunk_moments`` returns them)."""
+        """Merge the moments of the next tensor (as ``FirstPass.add`` returns them)."""
         self.count, self.mean, self.m2 = _merge(self.count, self.mean, self.m2, count, mean, m2)
 
     def std(self, ddof: int = 1) -> float:
         """Standard deviation with ``count - ddof`` in the denominator (NaN if not positive)."""
         dof = self.count - ddof
         return math.sqrt(self.m2 / dof) if dof > 0 else math.nan
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def copy_finite(src, out):
+    """``out[:] = src`` for flat arrays of one storage dtype; returns True when every value is
+    finite (bf16 bits decoded)."""
+    n = src.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    finite = np.ones(nch, np.bool_)
+    for c in prange(nch):
+        ok = True
+        for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            out[j] = src[j]
+            ok &= np.isfinite(get(src, j))
+        finite[c] = ok
+    return finite.all()

@@ -19,8 +19,11 @@ optimal prefix code (Gallager and Van Voorhis, 1975), within 1-2 % of the binary
 per entry at 5-20 % density. Its cost is about ``n/m + k (1 + log2 m)`` bits however the
 positions cluster, because the unary parts sum to at most ``n / m``.
 
-Decoding is sequential per tensor and O(k). Every decoder checks the stream: a truncated
+Codes of short gaps come from tables built per ``m`` (12-bit windows for the decoder).
+Decoding is sequential per tensor and O(k); every decoder checks the stream: a truncated
 stream, a position past ``n`` and trailing or non-zero padding bits are reported as errors.
+Coding a selection runs per chunk of ``_CHUNK`` entries in parallel, each chunk's bit string
+then stitched onto the previous ones: the bytes of the sequential code, for any thread count.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "CodeError",
     "count_selected",
     "decode_positions",
+    "encode_difference",
     "encode_positions",
     "encode_selection",
     "golomb_parameter",
@@ -304,54 +308,119 @@ def _decode(data, count, n, m, signs, scale, positions, out, mode):
 
 
 @njit(inline="always")
+def value_at(x, base, baseline, j):
+    """Entry ``j`` of the array whose selection is coded: ``x[j]`` (``base`` empty and
+    ``baseline`` 0), ``x[j] - base[j]`` or ``x[j] - baseline``, in float64 rounded to float32
+    (storage dtypes decoded), so that a difference never has to be written out."""
+    b = np.float64(get(base, j)) if base.size else baseline
+    return np.float32(np.float64(get(x, j)) - b)
+
+
+@njit(inline="always")
 def _selected(bits, j, key, cut):
     return (bits & np.uint32(0x7FFFFFFF)) != 0 and _kept(bits, j, key, cut)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _count_selected(x, key, cut):
-    xb = x.view(np.uint32)
+def _chunk_counts(x, base, baseline, key, cut):
+    """Per chunk of ``_CHUNK`` entries: the nonzero entries kept by the selection, and the
+    nonzero entries tied at the threshold."""
     n = x.size
     nch = (n + _CHUNK - 1) // _CHUNK
-    counts = np.zeros(nch, np.int64)
+    kept = np.zeros(nch, np.int64)
+    ties = np.zeros(nch, np.int64)
     for c in prange(nch):
-        s = 0
+        k = t = 0
         for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            s += _selected(xb[j], j, key, cut)
-        counts[c] = s
-    return counts.sum()
+            bits = value_at(x, base, baseline, j).view(np.uint32)
+            k += _selected(bits, j, key, cut)
+            t += (bits & np.uint32(0x7FFFFFFF)) == key and key != 0
+        kept[c] = k
+        ties[c] = t
+    return kept, ties
 
 
 @njit(cache=True, nogil=True)
-def _encode_selection(x, key, cut, m, out, signs):
-    """Code the positions (and sign bits) of the nonzero entries of ``x`` kept by the selection.
+def _tie_index(x, base, baseline, key, c, rank):
+    """Index of the ``rank``-th (1-based) nonzero entry tied at the threshold in chunk ``c``."""
+    for j in range(c * _CHUNK, min(x.size, (c + 1) * _CHUNK)):
+        if (value_at(x, base, baseline, j).view(np.uint32) & np.uint32(0x7FFFFFFF)) == key:
+            rank -= 1
+            if rank == 0:
+                return j
+    return -1
 
-    Returns the number of payload bytes written."""
+
+@njit(cache=True, parallel=True, nogil=True)
+def _encode_chunks(x, base, baseline, key, cut, m, counts, offsets, scratch, firsts, signs, info):
+    """Code each chunk on its own, into ``scratch[offsets[c]:]``, its first gap counted from
+    the chunk's start; ``info[c]`` = (bits written, bits of the first code, first position,
+    last position); one sign byte per coded entry, in order, into ``signs`` (chunk ``c``'s
+    first at ``firsts[c]``)."""
     b, u = _params(m)
     table = _encode_table(m)
-    xb = x.view(np.uint32)
     n = x.size
+    for c in prange(counts.size):
+        if counts[c] == 0:
+            continue
+        lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+        i, acc, nacc = offsets[c], np.int64(0), np.int64(0)
+        prev = np.int64(lo - 1)
+        k = 0
+        for start in range(lo, hi, 64):
+            mask = np.uint64(0)
+            for j in range(start, min(hi, start + 64)):
+                if _selected(value_at(x, base, baseline, j).view(np.uint32), j, key, cut):
+                    mask |= np.uint64(1) << np.uint64(j - start)
+            while mask:
+                j = start + np.int64(trailing_zeros(mask))
+                mask &= mask - np.uint64(1)
+                gap = j - prev - 1
+                prev = j
+                e = table[gap] if gap < _TABLE else np.int64(0)
+                if e != 0:
+                    i, acc, nacc = _put(scratch, i, acc, nacc, e >> 6, e & 63)
+                else:
+                    i, acc, nacc = _put_long_gap(scratch, i, acc, nacc, gap, m, b, u)
+                if k == 0:
+                    info[c, 1] = (i - offsets[c]) * 8 + nacc
+                    info[c, 2] = j
+                signs[firsts[c] + k] = value_at(x, base, baseline, j) < 0
+                k += 1
+        info[c, 0] = (i - offsets[c]) * 8 + nacc
+        info[c, 3] = prev
+        _flush(scratch, i, acc, nacc)
+
+
+@njit(cache=True, nogil=True)
+def _stitch(scratch, offsets, counts, info, m, out):
+    """Concatenate the chunk codes: each chunk's first gap re-coded from the previous chunk's
+    last position, the rest of its bits copied. Returns the number of bytes written."""
+    b, u = _params(m)
+    table = _encode_table(m)
     i, acc, nacc = 0, np.int64(0), np.int64(0)
     prev = np.int64(-1)
-    k = 0
-    for start in range(0, n, 64):
-        mask = np.uint64(0)
-        for j in range(start, min(n, start + 64)):
-            if _selected(xb[j], j, key, cut):
-                mask |= np.uint64(1) << np.uint64(j - start)
-        while mask:
-            j = start + np.int64(trailing_zeros(mask))
-            mask &= mask - np.uint64(1)
-            gap = j - prev - 1
-            prev = j
-            e = table[gap] if gap < _TABLE else np.int64(0)
-            if e != 0:
-                i, acc, nacc = _put(out, i, acc, nacc, e >> 6, e & 63)
-            else:
-                i, acc, nacc = _put_long_gap(out, i, acc, nacc, gap, m, b, u)
-            if xb[j] >> np.uint32(31):
-                signs[k >> 3] |= np.uint8(1 << (k & 7))
-            k += 1
+    for c in range(counts.size):
+        if counts[c] == 0:
+            continue
+        gap = info[c, 2] - prev - 1
+        e = table[gap] if gap < _TABLE else np.int64(0)
+        if e != 0:
+            i, acc, nacc = _put(out, i, acc, nacc, e >> 6, e & 63)
+        else:
+            i, acc, nacc = _put_long_gap(out, i, acc, nacc, gap, m, b, u)
+        pos = offsets[c] * 8 + info[c, 1]
+        end = offsets[c] * 8 + info[c, 0]
+        while pos < end:
+            take = min(32, end - pos)
+            p = pos >> 3
+            word = np.int64(0)
+            for t in range(5):
+                word |= np.int64(scratch[p + t]) << (8 * t)
+            bits = (word >> (pos & 7)) & ((np.int64(1) << take) - 1)
+            i, acc, nacc = _put(out, i, acc, nacc, bits, take)
+            pos += take
+        prev = info[c, 3]
     return _flush(out, i, acc, nacc)
 
 
@@ -419,7 +488,8 @@ def unpack_bits(payload: np.ndarray, count: int) -> np.ndarray:
 
 def count_selected(x: np.ndarray, thr: float, cut: int) -> int:
     """Number of nonzero entries of float32 ``x`` kept by the selection ``(thr, cut)``."""
-    return int(_count_selected(x, np.int64(threshold_key(thr)), np.int64(cut)))
+    key = np.int64(threshold_key(thr))
+    return int(_chunk_counts(x, x[:0], 0.0, key, np.int64(cut))[0].sum())
 
 
 def encode_selection(
@@ -427,19 +497,76 @@ def encode_selection(
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Code the nonzero entries of float32 ``x`` kept by ``(thr, cut)`` (see ``select``).
 
-    Zeros are never coded, whatever the selection: their sign is 0.
+    Zeros are never coded, whatever the selection: their sign is 0. Chunks of the tensor are
+    coded in parallel and then stitched, which gives the bytes of :func:`encode_positions` of
+    the kept positions.
 
     Returns:
         ``(payload, signs, count, m)``: the position code, the packed sign bits (1 = negative),
         the number of coded entries and the Golomb parameter.
     """
+    key, cut = np.int64(threshold_key(thr)), np.int64(cut)
+    counts = _chunk_counts(x, x[:0], 0.0, key, cut)[0]
+    return _encode(x, x[:0], 0.0, key, cut, counts)
+
+
+def encode_difference(
+    x: np.ndarray, base: np.ndarray | None, baseline: float, thr: float, ties: int | None
+) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """:func:`encode_selection` of ``d = x - base`` (flat arrays of one storage dtype: bf16
+    bits, float32, float64), or of ``d = x - baseline`` without ``base``, computed element by
+    element in float64 and rounded to float32, never written out.
+
+    Kept: ``|d| > thr``, and the first ``ties`` nonzero entries with ``|d| == thr`` in index
+    order (all of them when ``ties`` is None): a global top-k's tie quota spent tensor by
+    tensor.
+
+    Returns:
+        ``(payload, signs, count, m, used)``: as :func:`encode_selection`, plus the number of
+        tied entries kept.
+    """
+    base = x[:0] if base is None else base
     key = np.int64(threshold_key(thr))
-    count = int(_count_selected(x, key, np.int64(cut)))
+    counts, tied = _chunk_counts(x, base, float(baseline), key, np.int64(x.size))
+    cut, total = x.size, int(tied.sum())
+    if ties is not None and ties < total:
+        before = np.cumsum(tied) - tied
+        c = int(np.searchsorted(before + tied, ties, side="left")) if ties else 0
+        if ties:
+            j = int(_tie_index(x, base, float(baseline), key, c, ties - before[c]))
+            cut = j + 1
+            counts[c] -= tied[c] - (ties - before[c])
+        else:
+            cut = 0
+            counts[c] -= tied[c]
+        counts[c + 1 :] -= tied[c + 1 :]
+        total = ties
+    out = _encode(x, base, float(baseline), key, np.int64(cut), counts)
+    return (*out, total)
+
+
+def _encode(
+    x: np.ndarray,
+    base: np.ndarray,
+    baseline: float,
+    key: np.int64,
+    cut: np.int64,
+    counts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    count = int(counts.sum())
     m = golomb_parameter(count, x.size)
+    sizes = (counts * (1 + (m - 1).bit_length()) + _CHUNK // m + 64 + 7) // 8 + 8
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    scratch = np.zeros(offsets[-1] + 8, np.uint8)
+    signs = np.zeros(count, np.uint8)
+    info = np.zeros((counts.size, 4), np.int64)
+    firsts = np.cumsum(counts) - counts
+    _encode_chunks(
+        x, base, baseline, key, cut, np.int64(m), counts, offsets, scratch, firsts, signs, info
+    )
     out = np.zeros(_bound_bytes(count, x.size, m), np.uint8)
-    signs = np.zeros((count + 7) // 8, np.uint8)
-    size = int(_encode_selection(x, key, np.int64(cut), np.int64(m), out, signs))
-    return out[:size].copy(), signs, count, m
+    size = int(_stitch(scratch, offsets, counts, info, np.int64(m), out))
+    return out[:size].copy(), pack_bits(signs), count, m
 
 
 def scatter_ternary(
