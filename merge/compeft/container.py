@@ -179,12 +179,7 @@ class CompressedSource(_Names):
         """
         path = file.label
         meta = file.metadata
-        version = meta.get(VERSION_KEY)
-        if version != str(VERSION):
-            raise InputError(
-                f"{path}: ComPEFT format version {version!r} is not supported (this adapt reads "
-                f"version {VERSION}); upgrade adapt"
-            )
+        check_version(file, "ComPEFT", VERSION)
         try:
             header, codes, adapter_config = parse_metadata(meta)
         except (KeyError, TypeError, ValueError) as e:
@@ -381,6 +376,20 @@ def header_bytes(
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def check_version(file: FileSource, what: str, version: int) -> None:
+    """Refuse a container whose format version this adapt does not read.
+
+    Raises:
+        InputError: naming the file, the format and both versions.
+    """
+    found = file.metadata.get(VERSION_KEY)
+    if found != str(version):
+        raise InputError(
+            f"{file.label}: {what} format version {found!r} is not supported (this adapt reads "
+            f"version {version}); upgrade adapt"
+        )
 
 
 def check_target(out: Path, inputs: Iterable[Source], overwrite: bool) -> None:

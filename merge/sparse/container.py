@@ -33,8 +33,15 @@ from typing import IO, Any
 import numpy as np
 
 from .. import dtypes
-from ..compeft.container import FORMAT_KEY, VERSION_KEY, check_target, temp_path, write_atomically
-from ..errors import CorruptFileError, InputError, NonFiniteError
+from ..compeft.container import (
+    FORMAT_KEY,
+    VERSION_KEY,
+    check_target,
+    check_version,
+    temp_path,
+    write_atomically,
+)
+from ..errors import CorruptFileError, NonFiniteError
 from ..kernels.convert import to_float32
 from ..kernels.positions import MAX_M, CodeError, decode_positions
 from ..kernels.sparse import check_status, compose
@@ -213,12 +220,7 @@ class SparseSource(_Names):
         """
         path = file.label
         meta = file.metadata
-        version = meta.get(VERSION_KEY)
-        if version != str(VERSION):
-            raise InputError(
-                f"{path}: sparse fine-tune format version {version!r} is not supported (this "
-                f"adapt reads version {VERSION}); upgrade adapt"
-            )
+        check_version(file, "sparse fine-tune", VERSION)
         try:
             header, entries = parse_metadata(meta)
         except (KeyError, TypeError, ValueError) as e:
