@@ -19,7 +19,7 @@ from .. import plan as planning
 from ..errors import ParameterError
 from ..kernels.dare import dare_inplace, dare_key
 from ..kernels.select import GlobalTopK, count_for_density, topk_threshold
-from ..kernels.soup import weighted_rows, weighted_sum
+from ..kernels.soup import weighted_rows
 from ..kernels.taskvec import ABSENT, DELTA, WEIGHTS, add_scaled, l1_norm, task_vectors
 from ..kernels.ties import SIGN_FREQUENCY, SIGN_TOTAL, keep_all, ties_merge
 from ..lines import LayerSchedule, lines_alpha
@@ -142,7 +142,7 @@ class TaskVectorMethod(Method):
             taus, _ = self.taus(t, arrays)
             n = taus.shape[1]
             total = self.buffer("total", n)
-            weighted_sum(tuple(taus), np.ones(len(taus)), total, False)
+            weighted_rows(taus, np.arange(len(taus)), np.ones(len(taus)), total, False)
             merged = self.buffer("merged", n)
             self.combine(t, taus, merged)
             sum_l1 += l1_norm(total)
@@ -201,7 +201,7 @@ class TaskArithmetic(TaskVectorMethod):
     citation = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
 
     def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
-        weighted_sum(tuple(taus), self.w(len(taus)), out, False)
+        weighted_rows(taus, np.arange(len(taus)), self.w(len(taus)), out, False)
 
     def merge(
         self, tensor: PlannedTensor, arrays: list[np.ndarray], out: np.ndarray, check_finite: bool
@@ -292,7 +292,7 @@ class DareLinear(TaskVectorMethod):
 
     def combine(self, t: PlannedTensor, taus: np.ndarray, out: np.ndarray) -> None:
         self.drop(t, taus)
-        weighted_sum(tuple(taus), self.w(len(taus)), out, False)
+        weighted_rows(taus, np.arange(len(taus)), self.w(len(taus)), out, False)
 
 
 @dataclass
@@ -336,5 +336,7 @@ class TaskVector(TaskArithmetic):
             return bad
         merged = self.buffer("merged", taus.shape[1])
         self.combine(tensor, taus, merged)
-        weighted_sum((merged,), np.array([self.scale(tensor)]), out, False)
+        weighted_rows(
+            merged[None, :], np.zeros(1, np.int64), np.array([self.scale(tensor)]), out, False
+        )
         return -1

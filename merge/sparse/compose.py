@@ -24,7 +24,7 @@ from ..api import Input, _as_source
 from ..engine import execute
 from ..errors import MismatchError, ParameterError
 from ..kernels.convert import from_float32
-from ..kernels.soup import weighted_sum
+from ..kernels.soup import weighted_rows
 from ..kernels.sparse import copy_finite
 from ..methods.base import Method
 from ..plan import Plan, PlannedTensor, build_plan
@@ -36,6 +36,7 @@ from .interop import open_sparse
 
 SparseInput = str | os.PathLike[str] | SparseSource
 _ONE = np.ones(1)
+_FIRST = np.zeros(1, np.int64)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Compose(Method):
         elif arrays[0].dtype == out.dtype:
             if not copy_finite(arrays[0], out) and check_finite:
                 return 0
-        elif weighted_sum((arrays[0],), _ONE, out, check_finite) >= 0:
+        elif weighted_rows(arrays[0][None, :], _FIRST, _ONE, out, check_finite) >= 0:
             return 0
         sign = -1.0 if self.revert else 1.0
         streams = [
