@@ -18,8 +18,7 @@ from .. import dtypes
 from ..api import Input, _as_source
 from ..engine import execute
 from ..errors import InputError, ParameterError
-from ..kernels.compeft import copy_finite
-from ..kernels.convert import from_float32
+from ..kernels.convert import copy_finite, from_float32
 from ..lora import _AdapterSink
 from ..methods.base import Method
 from ..plan import Plan, PlannedTensor, build_plan

@@ -13,7 +13,7 @@ Pass 1 (:class:`FirstPass`) sweeps the inputs once and gathers, without writing 
 
 Histograms are integer counts kept per thread and summed once, moments are merged in a fixed
 order: no result depends on the thread count. :func:`residual` writes ``tau`` for pass 2;
-:func:`copy_finite` copies a base before an update is added to it.
+:func:`merge.kernels.convert.copy_finite` copies a base before an update is added to it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .convert import get
 from .positions import value_at
 
-__all__ = ["FirstPass", "Moments", "copy_finite", "residual"]
+__all__ = ["FirstPass", "Moments", "residual"]
 
 _CHUNK = 1 << 14
 _ABS = np.uint32(0x7FFFFFFF)
@@ -203,19 +202,3 @@ class Moments:
         """Standard deviation with ``count - ddof`` in the denominator (NaN if not positive)."""
         dof = self.count - ddof
         return math.sqrt(self.m2 / dof) if dof > 0 else math.nan
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def copy_finite(src, out):
-    """``out[:] = src`` for flat arrays of one storage dtype; returns True when every value is
-    finite (bf16 bits decoded)."""
-    n = src.size
-    nch = (n + _CHUNK - 1) // _CHUNK
-    finite = np.ones(nch, np.bool_)
-    for c in prange(nch):
-        ok = True
-        for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            out[j] = src[j]
-            ok &= np.isfinite(get(src, j))
-        finite[c] = ok
-    return finite.all()

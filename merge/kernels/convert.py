@@ -79,3 +79,18 @@ def from_float32(values: np.ndarray, dst: np.ndarray) -> None:
     """Round float32 ``values`` into the flat storage array ``dst`` (bf16 bits or float)."""
     for i in prange(values.size):
         put(dst, i, values[i])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def copy_finite(src: np.ndarray, dst: np.ndarray) -> bool:
+    """``dst[:] = src`` (flat, one storage dtype); False when ``src`` holds NaN/Inf."""
+    n = src.size
+    nch = (n + CHUNK - 1) // CHUNK
+    finite = np.ones(nch, np.bool_)
+    for c in prange(nch):
+        ok = True
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            dst[j] = src[j]
+            ok &= np.isfinite(get(src, j))
+        finite[c] = ok
+    return finite.all()

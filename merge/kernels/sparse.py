@@ -38,7 +38,6 @@ __all__ = [
     "add_at",
     "check_status",
     "compose",
-    "copy_finite",
     "delta_at",
     "difference",
     "intersect",
@@ -234,21 +233,6 @@ def check_status(status: int) -> None:
     """Raise :class:`~merge.kernels.positions.CodeError` for a failing status of
     :func:`compose`."""
     _check(status)
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def copy_finite(src, dst):
-    """``dst[:] = src`` (one kernel storage dtype); returns False when ``src`` holds NaN/Inf."""
-    n = src.size
-    nch = (n + _CHUNK - 1) // _CHUNK
-    finite = np.ones(nch, np.bool_)
-    for c in prange(nch):
-        ok = True
-        for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            dst[j] = src[j]
-            ok &= np.isfinite(get(src, j))
-        finite[c] = ok
-    return finite.all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,8 @@ from .. import dtypes
 from ..api import Input, _as_source
 from ..engine import execute
 from ..errors import MismatchError, ParameterError
-from ..kernels.convert import from_float32
+from ..kernels.convert import copy_finite, from_float32
 from ..kernels.soup import weighted_rows
-from ..kernels.sparse import copy_finite
 from ..methods.base import Method
 from ..plan import Plan, PlannedTensor, build_plan
 from ..provenance import Provenance
