@@ -275,6 +275,26 @@ def _encode_gaps(gaps, m, out):
     return _flush(out, i, acc, nacc)
 
 
+@njit(inline="always")
+def _advance(data, i, acc, nacc, p, table, m, b, u, n):
+    """Decode the next position after ``p``: ``(status, i, acc, nacc, position)``."""
+    i, acc, nacc = _fill(data, i, acc, nacc)
+    t = table[acc & ((1 << _PEEK) - 1)]
+    length = t & 63
+    if length != 0 and length <= nacc:
+        gap = t >> 6
+        acc >>= length
+        nacc -= length
+    else:
+        ok, gap, i, acc, nacc = _get_long_gap(data, i, acc, nacc, m, b, u)
+        if not ok:
+            return _TRUNCATED, i, acc, nacc, p
+    p += gap + 1
+    if p >= n:
+        return _RANGE, i, acc, nacc, p
+    return _OK, i, acc, nacc, p
+
+
 @njit(cache=True, nogil=True)
 def _decode(data, count, n, m, signs, scale, positions, out, mode):
     """Walk the code: ``positions[e] = p`` (``_POSITIONS``), ``out[p] = ±scale`` (``_SET``) or
@@ -285,20 +305,9 @@ def _decode(data, count, n, m, signs, scale, positions, out, mode):
     i, acc, nacc = 0, np.int64(0), np.int64(0)
     p = np.int64(-1)
     for e in range(count):
-        i, acc, nacc = _fill(data, i, acc, nacc)
-        t = table[acc & ((1 << _PEEK) - 1)]
-        length = t & 63
-        if length != 0 and length <= nacc:
-            gap = t >> 6
-            acc >>= length
-            nacc -= length
-        else:
-            ok, gap, i, acc, nacc = _get_long_gap(data, i, acc, nacc, m, b, u)
-            if not ok:
-                return _TRUNCATED
-        p += gap + 1
-        if p >= n:
-            return _RANGE
+        status, i, acc, nacc, p = _advance(data, i, acc, nacc, p, table, m, b, u, n)
+        if status != _OK:
+            return status
         if mode == _POSITIONS:
             positions[e] = p
         else:

@@ -23,13 +23,10 @@ from .convert import get, put
 from .positions import (
     _OK,
     _PEEK,
-    _RANGE,
-    _TRUNCATED,
+    _advance,
     _check,
     _decode_table,
     _end_status,
-    _fill,
-    _get_long_gap,
     _params,
 )
 from .select import _kept
@@ -138,26 +135,6 @@ def add_at(out, values, scale):
 
 # ---------------------------------------------------------------------------------------------
 # Fused k-way decode + exact scatter-add
-
-
-@njit(inline="always")
-def _advance(data, i, acc, nacc, p, table, m, b, u, n):
-    """Decode the next position after ``p``: ``(status, i, acc, nacc, position)``."""
-    i, acc, nacc = _fill(data, i, acc, nacc)
-    t = table[acc & ((1 << _PEEK) - 1)]
-    length = t & 63
-    if length != 0 and length <= nacc:
-        gap = t >> 6
-        acc >>= length
-        nacc -= length
-    else:
-        ok, gap, i, acc, nacc = _get_long_gap(data, i, acc, nacc, m, b, u)
-        if not ok:
-            return _TRUNCATED, i, acc, nacc, p
-    p += gap + 1
-    if p >= n:
-        return _RANGE, i, acc, nacc, p
-    return _OK, i, acc, nacc, p
 
 
 @njit(cache=True, nogil=True)
